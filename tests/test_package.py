@@ -34,9 +34,10 @@ def test_user_error_is_one_line(cli):
     assert "Traceback" not in r.stderr
 
 def test_help_on_every_command(cli):
-    from deeplense_nb.cli import _SUBCOMMANDS
-    assert "info" in _SUBCOMMANDS
-    for name in _SUBCOMMANDS:
+    from deeplense_nb.cli import available_commands
+    cmds = available_commands()
+    assert {"info", "demo"} <= set(cmds)
+    for name in cmds:
         r = cli(name, "--help")
         assert r.stdout.startswith("usage: deeplense " + name), r.stdout
 
