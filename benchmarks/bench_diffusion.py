@@ -1,0 +1,99 @@
+"""Diffusion speed: ancestral DDPM with N steps vs DDIM with k steps for the same model and batch (one run), and
+training steps/s of the `GaussianDiffusion` objective (forward + backward + AdamW step).
+
+On CUDA the default is the real-size model (150x150, base width 64, channel mults 1-2-2-4, attention at the two
+coarsest levels, T = 1000, bf16 autocast); on CPU a small one (32x32, base width 16) so that `make bench` stays
+short. Every setting can be overridden. Writes OUT/bench_diffusion.json.
+
+    python benchmarks/bench_diffusion.py --out bench_results [--device cuda] [--size 150] [--ddpm-steps 1000] [--ddim-steps 50]
+"""
+import argparse, json, platform, time
+from pathlib import Path
+import torch
+from deeplense_nb.core import get_device
+from deeplense_nb.diffusion import GaussianDiffusion, UNet, UNetConfig
+
+
+def sync(dev: torch.device):
+    if dev.type == "cuda": torch.cuda.synchronize(dev)
+
+
+def time_sampling(gd, dev, *, n, sampler, steps, amp, repeats) -> dict:
+    gd.sample(n, sampler=sampler, steps=min(steps, 3), seed=0, batch_size=n, device=dev, amp=amp, progress=False)  # warm-up
+    best = float("inf")
+    for r in range(repeats):
+        sync(dev); t0 = time.perf_counter()
+        gd.sample(n, sampler=sampler, steps=steps, seed=r, batch_size=n, device=dev, amp=amp, progress=False)
+        sync(dev); best = min(best, time.perf_counter() - t0)
+    return {"sampler": sampler, "steps": steps, "images": n, "seconds": best, "ms_per_step": 1e3 * best / steps,
+            "images_per_s": n / best}
+
+
+def time_training(gd, dev, *, batch, size, steps, amp) -> dict:
+    opt = torch.optim.AdamW(gd.parameters(), lr=1e-4)
+    x = torch.rand(batch, gd.in_chans, size, size, device=dev)
+    gd.train()
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            loss = gd(x)
+        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    for _ in range(3): step()  # warm-up
+    sync(dev); t0 = time.perf_counter()
+    for _ in range(steps): step()
+    sync(dev); dt = time.perf_counter() - t0
+    return {"batch": batch, "steps": steps, "seconds": dt, "steps_per_s": steps / dt, "images_per_s": steps * batch / dt,
+            "amp_bf16": amp}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="bench_results", help="folder for bench_diffusion.json")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps")
+    p.add_argument("--size", type=int, default=None, help="image side (default: 150 on CUDA, 32 on CPU)")
+    p.add_argument("--base-width", type=int, default=None, help="UNet base width (default: 64 on CUDA, 16 on CPU)")
+    p.add_argument("--timesteps", type=int, default=None, help="diffusion steps T (default: 1000 on CUDA, 100 on CPU)")
+    p.add_argument("--ddpm-steps", type=int, default=None, help="DDPM sampling steps N (default: T)")
+    p.add_argument("--ddim-steps", type=int, default=None, help="DDIM sampling steps k (default: 50 on CUDA, 10 on CPU)")
+    p.add_argument("--batch", type=int, default=None, help="images per sampling batch (default: 16 on CUDA, 8 on CPU)")
+    p.add_argument("--train-batch", type=int, default=None, help="training batch (default: 32 on CUDA, 16 on CPU)")
+    p.add_argument("--train-steps", type=int, default=None, help="timed training steps (default: 50 on CUDA, 10 on CPU)")
+    p.add_argument("--repeats", type=int, default=2, help="sampling runs per sampler (the fastest is kept)")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    a = p.parse_args(argv)
+    dev = get_device(a.device)
+    cuda = dev.type == "cuda"
+    size = a.size or (150 if cuda else 32)
+    width = a.base_width or (64 if cuda else 16)
+    T = a.timesteps or (1000 if cuda else 100)
+    N, k = a.ddpm_steps or T, a.ddim_steps or (50 if cuda else 10)
+    batch, tbatch = a.batch or (16 if cuda else 8), a.train_batch or (32 if cuda else 16)
+    tsteps = a.train_steps or (50 if cuda else 10)
+    amp = cuda and not a.no_amp
+    if cuda: torch.backends.cudnn.benchmark = True
+    cfg = UNetConfig(base_width=width, channel_mults=(1, 2, 2, 4) if size >= 64 else (1, 2, 2),
+                     attn_levels=(2, 3) if size >= 64 else (2,))
+    torch.manual_seed(0)
+    gd = GaussianDiffusion(UNet(cfg), image_size=size, timesteps=T, schedule="cosine", objective="v").to(dev)
+    with torch.no_grad():  # zero-initialised output layers make sampling trivially cheap for some kernels; perturb
+        for q in gd.parameters(): q.add_(0.01 * torch.randn_like(q))
+    ddpm = time_sampling(gd, dev, n=batch, sampler="ddpm", steps=N, amp=amp, repeats=a.repeats)
+    ddim = time_sampling(gd, dev, n=batch, sampler="ddim", steps=k, amp=amp, repeats=a.repeats)
+    train = time_training(gd, dev, batch=tbatch, size=size, steps=tsteps, amp=amp)
+    res = {"benchmark": "diffusion", "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if cuda else None,
+           "torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
+           "model": {"unet": cfg.to_dict(), "image_size": size, "timesteps": T,
+                     "params_M": sum(q.numel() for q in gd.parameters()) / 1e6},
+           "sampling": {"ddpm": ddpm, "ddim": ddim, "time_ratio_ddpm_over_ddim": ddpm["seconds"] / ddim["seconds"],
+                        "step_ratio": N / k},
+           "training": train}
+    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_diffusion.json").write_text(json.dumps(res, indent=2) + "\n")
+    print(f"DDPM {N} steps: {ddpm['seconds']:.2f} s, DDIM {k} steps: {ddim['seconds']:.2f} s "
+          f"(x{res['sampling']['time_ratio_ddpm_over_ddim']:.1f} faster, {N / k:.0f}x fewer steps) for {batch} images "
+          f"{size}x{size} on {dev}; training {train['steps_per_s']:.2f} steps/s at batch {tbatch}")
+    print(f"wrote {out / 'bench_diffusion.json'}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

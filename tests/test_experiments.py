@@ -1,0 +1,39 @@
+"""Every experiment notebook runs headless through `deeplense run NAME -p quick True` and writes its results."""
+import json
+import pytest
+from matplotlib.image import imread
+
+EXPECTED = {  # experiment -> keys its metrics.json must hold
+    "task1": {"auc_macro", "auc_per_class", "accuracy", "confusion_matrix", "classes"},
+    "lens-finding": {"auc", "average_precision", "tpr_at_fpr", "accuracy", "confusion_matrix", "threshold"},
+    "model-zoo": {"table", "best_model", "auc_macro"},
+    "diffusion": {"fid"},
+    "physics": {"physics", "baseline"},
+}
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_experiment_quick(name, tmp_path, cli, cache):
+    out = tmp_path / name
+    r = cli("run", name, "-p", "quick", "True", "--out", out, env={"DEEPLENSE_CACHE": str(cache)}, timeout=900)
+    assert r.returncode == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert EXPECTED[name] <= set(m), sorted(m)
+    nb = out / {"lens-finding": "lens_finding.ipynb", "model-zoo": "model_zoo.ipynb"}.get(name, f"{name}.ipynb")
+    assert nb.exists(), "the executed notebook is kept beside the results"
+    pngs = sorted(out.rglob("*.png"))
+    assert pngs, "figures are written"
+    for p in pngs[:6]:
+        img = imread(p); assert img.ndim == 3 and img.std() > 0, p
+
+def test_run_unknown_param_is_one_line(cli, tmp_path):
+    r = cli("run", "task1", "-p", "epochz", "3", "--out", tmp_path / "x", check=False)
+    assert r.returncode == 2 and "unknown parameter(s) ['epochz']" in r.stderr and "Traceback" not in r.stderr
+
+def test_run_failure_keeps_notebook(cli, tmp_path):
+    r = cli("run", "task1", "-p", "quick", "True", "-p", "data_dir", str(tmp_path / "missing"), "--out", tmp_path / "f", check=False)
+    assert r.returncode != 0 and "failed in cell" in r.stderr
+    assert (tmp_path / "f" / "task1.ipynb").exists()
