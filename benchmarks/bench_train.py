@@ -91,7 +91,8 @@ def compare(name, make_model, runs, *, repeats, dev, warmup=None, quiet=False):
             wall[k], cpu[k] = min(wall[k], t), min(cpu[k], c); result[k] = hist; steps[k] += STEP_TIMES.get(k, [])
             if not quiet: print(f"  [{name}] repeat {r + 1}/{repeats} {k:>8}: wall {t:.3f}s cpu {c:.3f}s  final "
                   f"{({a: round(b, 4) for a, b in hist[-1].items()})}", flush=True)
-    med = {k: float(np.median(v)) if v else float("nan") for k, v in steps.items()}
+    med = {k: {"median": float(np.median(v)), "p25": float(np.percentile(v, 25)), "min": float(np.min(v)), "n": len(v)}
+           if v else None for k, v in steps.items()}
     return wall, cpu, result, med
 
 
@@ -125,8 +126,9 @@ def dispatch_overhead(*, n_batches=200, epochs=3, repeats=7):
     runs = {"plain": lambda m: plain_loop(m, *loaders(), epochs=epochs, lr=1e-3, wd=1e-2, dev=cpu),
             "learner": lambda m: learner_run(*loaders(), epochs=epochs, lr=1e-3, wd=1e-2, dev=cpu)(m)}
     _, _, _, med = compare("dispatch", make, runs, repeats=repeats, dev=cpu, warmup=lambda k: runs[k], quiet=True)
-    return {"plain_us_per_batch": 1e6 * med["plain"], "learner_us_per_batch": 1e6 * med["learner"],
-            "overhead_us_per_batch": 1e6 * (med["learner"] - med["plain"]), "measure": "median training-iteration time, tiny Linear model"}
+    return {"plain_us_per_batch": 1e6 * med["plain"]["median"], "learner_us_per_batch": 1e6 * med["learner"]["median"],
+            "overhead_us_per_batch": 1e6 * (med["learner"]["median"] - med["plain"]["median"]),
+            "measure": "median training-iteration time, tiny Linear model"}
 
 
 def main(argv=None):
@@ -135,18 +137,18 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="smaller data and fewer repeats (a smoke run)")
     p.add_argument("--model", default="resnet20", help="registered model for the CPU comparisons (default: resnet20)")
     p.add_argument("--gpu-model", default="resnet18", help="registered model for the GPU comparison (default: resnet18)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default: 3, quick: 2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default: 5, quick: 2)")
     p.add_argument("--epochs", type=int, default=1, help="epochs per timed run (default: 1)")
     a = p.parse_args(argv)
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    repeats = a.repeats or (2 if a.quick else 4)
+    repeats = a.repeats or (2 if a.quick else 5)
     lr, wd, E = 1e-3, 1e-2, a.epochs
     res = {"env": env_info("cpu"), "settings": {"quick": a.quick, "repeats": repeats, "epochs": E, "model": a.model,
                                                  "threads": torch.get_num_threads()}}
     cpu = torch.device("cpu")
 
     # --- CPU: same model and data for the overhead and the fast-path comparisons -----------------------------------
-    n, size, bs = (64, 32, 32) if a.quick else (256, 40, 32)
+    n, size, bs = (64, 32, 32) if a.quick else (512, 40, 32)
     x, y = make_data(n, 1, size, 3)
     xv, yv = make_data(n // 4, 1, size, 3, seed=1)
     def loaders():
@@ -168,13 +170,15 @@ def main(argv=None):
     res["overhead"] = {"plain_s": wall["plain"], "learner_s": wall["learner"], "ratio": ratio, "overhead_pct": 100 * (ratio - 1),
                        "plain_cpu_s": cput["plain"], "learner_cpu_s": cput["learner"], "cpu_time_ratio": cratio,
                        "target_ratio_max": 1.03, "meets_target": ratio <= 1.03, "final_roc_auc": {k: auc[k] for k in ("plain", "learner")},
-                       "step_median_s": {k: med[k] for k in ("plain", "learner")}, "step_median_ratio": med["learner"] / med["plain"],
-                       "note": "wall/cpu: fastest whole run of the repeats; step_median: median training iteration over all repeats "
-                               "(robust on a busy machine). Learner with its default Recorder, progress bars off"}
+                       "step_s": {k: med[k] for k in ("plain", "learner")},
+                       "step_ratio": {q: med["learner"][q] / med["plain"][q] for q in ("median", "p25", "min")},
+                       "note": "wall/cpu: fastest whole run of the repeats; step_*: statistics of every training iteration over all repeats "
+                               "(min/p25 are the most robust on a busy machine). Learner with its default Recorder, progress bars off"}
     print(f"overhead: Learner/plain = {ratio:.3f} wall ({100 * (ratio - 1):+.1f}%), {cratio:.3f} cpu time, "
-          f"{med['learner'] / med['plain']:.3f} median step", flush=True)
+          f"steps: {med['learner']['median'] / med['plain']['median']:.3f} median, {med['learner']['p25'] / med['plain']['p25']:.3f} p25, "
+          f"{med['learner']['min'] / med['plain']['min']:.3f} min", flush=True)
     d = dispatch_overhead(n_batches=50 if a.quick else 200, repeats=3 if a.quick else 7)
-    d["plain_s_per_batch_real_model"] = med["plain"]
+    d["plain_s_per_batch_real_model"] = med["plain"]["median"]
     d["projected_overhead_pct"] = 100 * d["overhead_us_per_batch"] * 1e-6 / d["plain_s_per_batch_real_model"]
     res["overhead"]["dispatch"] = d
     print(f"dispatch: Learner costs {d['overhead_us_per_batch']:.0f} us more per batch than the plain loop "
@@ -183,11 +187,12 @@ def main(argv=None):
     bf16_native = cpu_bf16_supported()
     speedup, cspeed = wall["plain"] / wall["fast"], cput["plain"] / cput["fast"]
     res["cpu_fast"] = {"plain_s": wall["plain"], "fast_s": wall["fast"], "speedup": speedup, "cpu_time_speedup": cspeed,
-                       "step_median_s": {k: med[k] for k in ("plain", "fast")}, "step_median_speedup": med["plain"] / med["fast"],
+                       "step_s": {k: med[k] for k in ("plain", "fast")},
+                       "step_speedup": {q: med["plain"][q] / med["fast"][q] for q in ("median", "p25", "min")},
                        "target_speedup_min": 1.3, "meets_target": speedup >= 1.3, "cpu_native_bf16": bf16_native,
                        "fast_path": "Learner + bf16 autocast + channels_last", "final_roc_auc": {k: auc[k] for k in ("plain", "fast")}}
     print(f"cpu fast path (bf16 + channels_last, native bf16: {bf16_native}): {speedup:.2f}x wall, {cspeed:.2f}x cpu time, "
-          f"{med['plain'] / med['fast']:.2f}x median step", flush=True)
+          f"steps: {med['plain']['median'] / med['fast']['median']:.2f}x median, {med['plain']['min'] / med['fast']['min']:.2f}x min", flush=True)
 
     # --- GPU: AMP + channels_last + GPU-resident data vs the plain loop ----------------------------------------------
     if torch.cuda.is_available():
