@@ -130,7 +130,8 @@ def cached_simulation(kind: str, *, cache: str | Path | None = None, **kw) -> Pa
     tmp = d.with_name(d.name + f".tmp{os.getpid()}")
     if tmp.exists(): shutil.rmtree(tmp)
     fn[kind](tmp, progress=False, **kw)
-    if d.exists(): shutil.rmtree(d)
+    if (d / "manifest.json").exists(): shutil.rmtree(tmp); return d  # another process finished first: keep its copy
+    if d.exists(): shutil.rmtree(d)  # a half-written folder from a crash
     os.replace(tmp, d)
     return d
 
