@@ -1,13 +1,17 @@
 """Write README.md from nbs/index.ipynb without Quarto (nbdev-readme needs Quarto).
 
-Markdown cells are copied; code cells become ```python blocks (directive lines `#|` dropped, `#| hide` cells skipped).
+Markdown cells are copied (links relative to nbs/ rewritten for the repository root); code cells become ```python blocks (directive lines `#|` dropped, `#| hide` cells skipped).
 `--check` exits 1 when README.md differs from what would be written.
 """
-import json, sys
+import json, re, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = "<!-- Generated from nbs/index.ipynb by `make readme` (tools/readme.py). Do not edit by hand. -->\n\n"
+
+def _relink(md: str) -> str:
+    "Links relative to nbs/ (what the docs site needs) made relative to the repository root (what README.md needs)."
+    return re.sub(r"\]\((?!https?:|#|/|nbs/)([^)\s]+)\)", r"](nbs/\1)", md)
 
 def render(nb_path=ROOT / "nbs" / "index.ipynb") -> str:
     nb = json.loads(Path(nb_path).read_text())
@@ -16,7 +20,7 @@ def render(nb_path=ROOT / "nbs" / "index.ipynb") -> str:
         src = "".join(c["source"]).rstrip()
         if not src: continue
         if c["cell_type"] == "markdown":
-            parts.append(src)
+            parts.append(_relink(src))
         elif c["cell_type"] == "code":
             lines = src.splitlines()
             directives = [l for l in lines if l.startswith("#|")]
