@@ -45,7 +45,7 @@ test: $(VENV)/.synced  ## the CI gate: library in sync with notebooks, docs prep
 	@echo ">> 4/5 nbdev-test (skips cells marked: notest slow cuda)"
 	$(BIN)/nbdev-test --n-workers 2 --timing
 	@echo ">> 5/5 pytest"
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist load
 
 lab: $(VENV)/.synced  ## JupyterLab on the project
 	$(BIN)/jupyter lab --notebook-dir=.
