@@ -80,3 +80,33 @@ def test_no_class_shortcut_in_ring_size():
     te = np.array([t["theta_E"] for t in truth]); y = np.array([p.classes.index(t["label"]) for t in truth])
     spread = te.std()
     for c in (1, 2): assert abs(te[y == c].mean() - te[y == 0].mean()) < 0.35 * spread
+
+def test_residual_features_see_substructure():
+    "A smooth lens leaves only photon noise behind; a heavy, long vortex leaves coherent residuals."
+    from deeplense_nb.simulate import simulate_batch, residual_features, RESIDUAL_FEATURES, GEOMETRY_FEATURES
+    p = get_preset("model_i", vort_mass=3e11, vort_log_ma=(-23.7, -23.7))    # a 1.5" half-length vortex of 3e11 Msun
+    x, y, _ = simulate_batch(2, preset=p, labels=[0, 2], seed=4)
+    f = residual_features(x, starts=3, steps=150, refine=150)
+    assert list(f.columns) == [*RESIDUAL_FEATURES, *GEOMETRY_FEATURES] and np.isfinite(f.values).all()
+    assert f.loc[0, "chi2_ring"] < 1.5 and f.loc[0, "deviance_per_pixel"] < 1.25, f
+    assert f.loc[1, "chi2_ring"] > 2 * f.loc[0, "chi2_ring"], f
+
+def test_residual_features_real_samples(real_samples):
+    "On the real Task I samples the smooth model explains every `no` image to the noise; vortices leave residuals."
+    from deeplense_nb.simulate import residual_features
+    files = {c: sorted((real_samples / "common_test_I" / c).glob("*.npy")) for c in ("no", "vort")}
+    f = {c: residual_features(np.stack([np.load(p) for p in fs])) for c, fs in files.items()}
+    assert f["no"]["chi2_inner"].max() < 1.5 and f["no"]["chi2_ring"].max() < 1.5, f["no"]
+    assert f["vort"]["chi2_inner"].min() > f["no"]["chi2_inner"].max(), (f["no"], f["vort"])
+
+def test_residual_classifier_contract():
+    from deeplense_nb.simulate import residual_classifier, RESIDUAL_FEATURES
+    from deeplense_nb.core import DeepLenseError
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 50)
+    X = np.exp(rng.normal(size=(150, len(RESIDUAL_FEATURES))) * 0.2 + y[:, None] * 0.8)
+    clf = residual_classifier(X, y)
+    assert clf.predict_proba(X).shape == (150, 3) and (clf.predict(X) == y).mean() > 0.9
+    with pytest.raises(DeepLenseError, match="residual_classifier"): residual_classifier(X[:, :3], y)
+    X[0, 0] = np.nan
+    with pytest.raises(DeepLenseError, match="finite"): residual_classifier(X, y)
