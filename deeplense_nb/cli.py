@@ -6,10 +6,10 @@ Docs: https://ml4sci.github.io/deeplense_nb/cli.html.md"""
 
 # %% ../nbs/10_cli.ipynb #37c4b55f
 from __future__ import annotations
-import argparse, importlib, importlib.util, json, sys
+import argparse, importlib, importlib.util, json, os, sys
 
 # %% auto #0
-__all__ = ['COMMANDS', 'subcommand', 'available_commands', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'subcommand', 'available_commands', 'user_message', 'build_parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #1e2f7409
 COMMANDS = {  # name: ("module:builder", help)
@@ -59,6 +59,18 @@ def _info(p: argparse.ArgumentParser):
         return 0
     return run
 
+# %% ../nbs/10_cli.ipynb #9e091e73
+def user_message(e: BaseException) -> str:
+    "The one-line message `deeplense` prints for exception `e`."
+    from deeplense_nb.core import DeepLenseError
+    if isinstance(e, DeepLenseError): return str(e)
+    if isinstance(e, OSError) and e.filename is not None:
+        where = str(e.filename) + (f" -> {e.filename2}" if getattr(e, "filename2", None) else "")
+        return f"{where}: {e.strerror or type(e).__name__}"
+    first = (str(e).strip().splitlines() or [""])[0]
+    return (f"unexpected {type(e).__name__}: {first or repr(e)} (re-run with --debug for the traceback, and please "
+            "report it)")
+
 # %% ../nbs/10_cli.ipynb #761f4018
 def build_parser() -> argparse.ArgumentParser:
     "The `deeplense` argument parser with every registered subcommand."
@@ -87,15 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in cmds:
         p.parse_args(argv)  # --help, --version, or an "invalid choice" error listing the commands
         p.print_help(); return 0
-    a = _command_parser(argv[0]).parse_args(argv[1:])
+    debug = "--debug" in argv[1:] or os.environ.get("DEEPLENSE_DEBUG", "") not in ("", "0")
+    a = _command_parser(argv[0]).parse_args([s for s in argv[1:] if s != "--debug"])
     try:
         return int(a._run(a) or 0)
-    except (DeepLenseError, FileNotFoundError) as e:
-        print(f"deeplense {a.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"deeplense {a.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if debug: raise
+        print(f"deeplense {a.command}: error: {user_message(e)}", file=sys.stderr)
+        return 2
 
 # %% ../nbs/10_cli.ipynb #638185e5
 if __name__ == "__main__": sys.exit(main())

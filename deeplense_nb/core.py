@@ -14,12 +14,15 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['DeepLenseError', 'get_device', 'seed_everything', 'Config', 'fsync_dir', 'atomic_write', 'atomic_write_text',
-           'env_info']
+__all__ = ['DeepLenseError', 'ConfigError', 'get_device', 'seed_everything', 'Config', 'pid_alive', 'fsync_dir', 'atomic_write',
+           'atomic_write_text', 'env_info']
 
 # %% ../nbs/00_core.ipynb #455d652c
 class DeepLenseError(Exception):
     "An error caused by user input (paths, files, names, settings); the message says what to fix."
+
+class ConfigError(DeepLenseError, ValueError):
+    "A config (dict, JSON or TOML file) with unknown fields or values of the wrong type."
 
 # %% ../nbs/00_core.ipynb #22227f2f
 _DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -92,10 +95,11 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict, *, strict: bool = True):
         "Build from a dict; unknown keys raise (or are dropped with `strict=False`)."
+        if not isinstance(d, dict): raise ConfigError(f"{cls.__name__}: expected a JSON object of settings, got {type(d).__name__}.")
         names = {f.name: f for f in fields(cls)}
         unknown = set(d) - set(names)
         if unknown and strict:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}; valid fields are {sorted(names)}")
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}; valid fields are {sorted(names)}")
         kw = {}
         for k, v in d.items():
             if k not in names: continue
@@ -121,7 +125,17 @@ class Config:
         "Load from a JSON file path or a JSON string."
         s = str(src)
         text = Path(s).read_text() if not s.lstrip().startswith("{") else s
-        return cls.from_dict(json.loads(text), strict=strict)
+        try: d = json.loads(text)
+        except json.JSONDecodeError as e: raise ConfigError(f"{s if s != text else 'JSON text'}: not valid JSON ({e}).") from None
+        return cls.from_dict(d, strict=strict)
+
+def pid_alive(pid: int) -> bool:
+    "Whether process `pid` still runs (on Windows: always assumed, never probed)."
+    if os.name == "nt": return True  # os.kill(pid, 0) would signal the process there
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
 
 def fsync_dir(d: str | Path) -> None:
     "Flush a directory entry to disk (after `os.replace`), where the platform allows it."

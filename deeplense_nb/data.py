@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, WeightedRandomSampler
 from tqdm import tqdm
-from .core import DeepLenseError, get_device, fsync_dir
+from .core import DeepLenseError, get_device, fsync_dir, pid_alive
 
 # %% auto #0
 __all__ = ['LAYOUTS', 'TASKS', 'DataError', 'LayoutError', 'BadFileError', 'StoreError', 'natural_key', 'read_npy', 'Skipped',
@@ -390,6 +390,7 @@ def _detect(root: Path) -> str | None:
     if {"train", "val"} <= names and set(_listdir(root / "train")[0]) & set(_T1): return "task1"
     if not dirs or npys: return None
     subs = {d: _listdir(root / d) for d in dirs}
+    if any(d in _SPLITS and set(s[0]) & set(_SPLITS) for d, s in subs.items()): return None  # <split>/<split>/: nested
     if any(set(s[0]) & (set(_T2) | {"Samples"}) for s in subs.values()): return None  # nested one level too deep
     if all(d in _SPLITS for d in dirs) and any(s[0] for s in subs.values()): return "folders"  # ROOT/<split>/<class>
     if any(s[1] for s in subs.values()) and not any(s[0] for s in subs.values()): return "folders"  # ROOT/<class>
@@ -398,6 +399,11 @@ def _detect(root: Path) -> str | None:
 def _layout_error(root: Path) -> LayoutError:
     "An error that shows what `root` holds, the expected trees, and a hint for the usual mistakes."
     dirs, npys, _ = _listdir(root)
+    twice = [d for d in dirs if d in _SPLITS and d in _listdir(root / d)[0]]
+    if twice:
+        fix = " && ".join(f"mv {root / d / d}/* {root / d}/ && rmdir {root / d / d}" for d in twice)
+        return LayoutError(f"The folders of {root} are nested one level too deep ({', '.join(f'{d}/{d}/' for d in twice)}); "
+                           f"fix it with: {fix}\n{_describe(root)}")
     hint = ""
     nested = [(d, sorted(set(_listdir(root / d)[0]) & (set(_T2) | {"Samples"}))) for d in dirs]
     nested = [(d, s) for d, s in nested if s and d in _SPLITS]
@@ -572,6 +578,34 @@ def _index_files(root: Path, files: list[str], *, allow_pickle: bool, on_error: 
             report.add(p, msg); keep[i] = False
     return keep, common
 
+def _value_stats(p: Path, allow_pickle: bool):
+    "(min, max, integer-valued above 1) of a file's pixels, or the `BadFileError` saying why it cannot be used."
+    try: a = _decode(p, allow_pickle=allow_pickle)[0]; _check_values(a, p)
+    except BadFileError as e: return e
+    hi = float(a.max())
+    return float(a.min()), hi, bool(hi > 1.5 and np.array_equal(a, np.round(a)))
+
+def _check_all_values(root: Path, files: list[str], keep: np.ndarray, *, allow_pickle: bool, on_error: str,
+                      report: SkipReport, progress: bool | None = None) -> None:
+    "Read every usable file once, before any training: NaN/Inf/constant images, and 0-255 integer images among [0, 1] ones."
+    idx, stats = np.flatnonzero(keep), {}
+    show = len(idx) > 2000 if progress is None else progress
+    def bad(e: BadFileError, i: int):
+        if on_error == "raise": raise e
+        report.add(e.path, e.reason); keep[i] = False
+    ex = ThreadPoolExecutor(4)
+    try:
+        res = ex.map(lambda i: _value_stats(root / files[i], allow_pickle), idx)
+        for i, r in zip(idx, tqdm(res, total=len(idx), desc=f"check {root.name}", unit="file", disable=not show)):
+            if isinstance(r, BadFileError): bad(r, i)
+            else: stats[i] = r
+    finally: ex.shutdown(wait=True, cancel_futures=True)
+    unit = sum(hi <= 1.0 + 1e-6 for _, hi, _ in stats.values())
+    for i, (lo, hi, integral) in stats.items():
+        if integral and unit:
+            bad(BadFileError(root / files[i], f"holds integer values {lo:g}..{hi:g} (an 8-bit image?) while {unit} other "
+                                              "file(s) are scaled to [0, 1]; rescale it (x / 255) or remove it"), i)
+
 class FolderDataset(_Images):
     "A dataset folder (Task I/II/IV or class folders) read file by file; every file is checked, bad ones raise or are skipped."
     def __init__(self, root: str | os.PathLike, # dataset folder
@@ -586,12 +620,8 @@ class FolderDataset(_Images):
         sel = np.flatnonzero(_select_split(lay, split))
         files, report = [lay.files[i] for i in sel], SkipReport(lay.problems)
         keep, shape = _index_files(lay.root, files, allow_pickle=allow_pickle, on_error=on_error, report=report)
-        if on_error == "skip":
-            show = len(files) > 2000 if progress is None else progress
-            for i in tqdm(np.flatnonzero(keep), desc=f"check {lay.root.name}", unit="file", disable=not show):
-                p = lay.root / files[i]
-                try: _check_values(_decode(p, allow_pickle=allow_pickle)[0], p)
-                except BadFileError as e: report.add(e.path, e.reason); keep[i] = False
+        _check_all_values(lay.root, files, keep, allow_pickle=allow_pickle, on_error=on_error, report=report, progress=progress)
+        if not keep.any(): raise DataError(f"No usable .npy files in {lay.root}: all {len(files)} are bad.\n{report}")
         sel = sel[keep]
         self.root, self.layout, self.scan, self.allow_pickle, self.skipped = lay.root, lay.kind, lay, allow_pickle, report
         self._files = [lay.files[i] for i in sel]
@@ -703,19 +733,13 @@ def _read_many(paths: list[Path], allow_pickle: bool, workers: int):
             if len(window) >= 4 * workers: yield window.popleft().result()
         while window: yield window.popleft().result()
 
-def _pid_alive(pid: int) -> bool:
-    if os.name == "nt": return True  # never guess on Windows (os.kill(pid, 0) would signal the process)
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True
-    return True
 
 def _clean_stale(out: Path) -> None:
     "Remove temporary folders left by packs into `out` whose process is gone (a killed or crashed pack)."
     for d in out.parent.glob(f".{out.name}.tmp-*"):
         try: pid = int(d.name.rsplit(".tmp-", 1)[1].split("-")[0])
         except ValueError: continue
-        if not _pid_alive(pid): shutil.rmtree(d, ignore_errors=True)
+        if not pid_alive(pid): shutil.rmtree(d, ignore_errors=True)
 
 
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 from .core import Config, DeepLenseError, atomic_write_text, get_device, seed_everything
+from .checkpoint import load_model, register_builder
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'OBJECTIVES', 'SAMPLERS', 'METRICS_NN', 'save_samples', 'load_samples', 'save_grid', 'timestep_embedding',
@@ -261,6 +262,7 @@ class UNet(nn.Module):
         return (f"UNet(in_chans={c.in_chans}, base_width={c.base_width}, channel_mults={c.channel_mults}, "
                 f"blocks_per_level={c.blocks_per_level}, attn_levels={c.attn_levels}, num_classes={c.num_classes}, params={n/1e6:.2f}M)")
 
+@register_builder("deeplense_nb.diffusion:build_unet")
 def build_unet(**kw) -> UNet:
     "Rebuild a `UNet` from `UNetConfig` fields (the checkpoint builder named in `UNet.model_config`)."
     return UNet(UNetConfig.from_dict(kw))
@@ -392,6 +394,7 @@ class GaussianDiffusion(nn.Module):
             self.last_losses["ssim"] = s.detach()
         return loss
 
+@register_builder("deeplense_nb.diffusion:build_diffusion")
 def build_diffusion(*, unet: dict, **kw) -> GaussianDiffusion:
     "Rebuild a `GaussianDiffusion` from its `model_config` kwargs (the checkpoint builder)."
     return GaussianDiffusion(build_unet(**unet), **kw)
@@ -643,7 +646,6 @@ class LensFeatureExtractor(nn.Module):
                 ):
         super().__init__()
         if isinstance(model, (str, Path)):
-            from deeplense_nb.training import load_model
             p = Path(model)
             if not p.exists(): raise DeepLenseError(f"feature-extractor checkpoint {p} does not exist; train one with train_feature_extractor(out=...)")
             model, meta = load_model(p)

@@ -18,18 +18,21 @@ import matplotlib.pyplot as plt
 from sklearn import metrics as skm
 from sklearn.preprocessing import label_binarize
 from .core import DeepLenseError, atomic_write_text, get_device
+from .checkpoint import load_model
+from .data import BatchLoader, open_dataset
 
 # %% auto #0
-__all__ = ['SPLITS', 'FPRS', 'EvaluationError', 'd4_views', 'Predictions', 'as_loader', 'predict_probs', 'tpr_at_fpr',
-           'select_threshold', 'bootstrap_auc', 'calibration', 'predicted_labels', 'classification_metrics', 'plot_roc',
-           'plot_pr', 'plot_confusion_matrix', 'plot_score_hist', 'plot_reliability', 'plot_mistakes', 'load_history',
-           'plot_history', 'Report', 'load_models', 'evaluate', 'compare_runs', 'plot_auc_vs_time']
+__all__ = ['SPLITS', 'FPRS', 'EvaluationError', 'd4_views', 'Predictions', 'as_loader', 'resolve_split', 'predict_probs',
+           'tpr_at_fpr', 'select_threshold', 'bootstrap_auc', 'calibration', 'predicted_labels',
+           'classification_metrics', 'plot_roc', 'plot_pr', 'plot_confusion_matrix', 'plot_score_hist',
+           'plot_reliability', 'plot_mistakes', 'load_history', 'plot_history', 'Report', 'load_models', 'evaluate',
+           'compare_runs', 'plot_auc_vs_time']
 
 # %% ../nbs/07_evaluation.ipynb #27729d85
 class EvaluationError(DeepLenseError):
     "A bad input to evaluation (data, checkpoint, classes or setting); the message says what to fix."
 
-SPLITS = ("val", "test")
+SPLITS = ("auto", "all", "train", "val", "test")  # auto: val, else test, else every image
 FPRS = (1e-3, 1e-2, 1e-1)  # false-positive rates at which binary reports give the true-positive rate
 
 def _choice(name: str, value, allowed: Sequence):
@@ -80,20 +83,21 @@ def _tensor_pair(data) -> torch.utils.data.TensorDataset:
     return torch.utils.data.TensorDataset(x.float(), y.long())
 
 def as_loader(data, # DataLoader, DataLoaders, Dataset, (x, y) pair, or a dataset folder / packed store path
-              *, split: str = "val", # which split of a DataLoaders / dataset folder: "val" or "test"
+              *, split: str = "auto", # which split of a DataLoaders / dataset folder: one of SPLITS
               batch_size: int = 256, # batch size when a loader has to be made
               num_workers: int = 0, # DataLoader workers when a loader has to be made
-              val_frac: float = 0.1, # folders without a val split: the share carved out of train (as in training)
-              seed: int = 0, # folders without a val split: the seed of that carve-out (as in training)
+              on_error: str = "raise", # dataset folders: "raise" on a bad file, or "skip" it with a report
              ):
     "An iterable of `(x, y)` batches in a fixed order over `data`, and the class names it knows (or None)."
     _choice("split", split, SPLITS)
     DL, DS = torch.utils.data.DataLoader, torch.utils.data.Dataset
     if isinstance(data, (str, Path)):
-        data = _open_data(Path(data), batch_size=batch_size, num_workers=num_workers, val_frac=val_frac, seed=seed)
+        ds, _ = _open_split(Path(data), split, on_error=on_error)
+        return BatchLoader(ds, batch_size=batch_size, num_workers=num_workers), _classes_of(ds)
     if isinstance(data, DL): return data, _classes_of(data.dataset)
     if hasattr(data, "valid") and hasattr(data, "train"):  # a deeplense_nb.data.DataLoaders
-        dl = data.valid if split == "val" else getattr(data, "test", None)
+        if split == "all": raise EvaluationError("split=\"all\" needs a dataset folder or packed store; DataLoaders hold parts.")
+        dl = {"train": data.train, "test": getattr(data, "test", None)}.get(split, data.valid)
         if dl is None:
             raise EvaluationError(f"the data have no {split!r} split (this layout has no test folders); "
                                   "use split='val'.")
@@ -110,15 +114,25 @@ def _classes_of(ds) -> list[str] | None:
     c = getattr(ds, "classes", None)
     return [str(o) for o in c] if c else None
 
-def _open_data(path: Path, *, batch_size: int, num_workers: int, val_frac: float, seed: int):
+def resolve_split(names: Sequence[str], # the splits a dataset has, e.g. ('train', 'val') or ('all',)
+                  split: str = "auto", # one of SPLITS
+                 ) -> str:
+    "The split to score: `auto` is val, else test, else every image ('all'); a split the data lack is an error."
+    _choice("split", split, SPLITS)
+    if split == "auto": return next((s for s in ("val", "test") if s in names), "all")
+    if split != "all" and split not in names:
+        raise EvaluationError(f"the data have no {split!r} split (splits: {', '.join(names)}); use --split all to score "
+                              "every image" + (", or one of the splits they have." if set(names) - {"all"} else "."))
+    return split
+
+def _open_split(path: Path, split: str, *, on_error: str = "raise"):
+    "(images of `split` of a dataset folder or packed store, the split's name): every image for 'all', never a hidden subset."
     if not path.exists():
         raise EvaluationError(f"data {str(path)!r} does not exist; pass a dataset folder (e.g. made by "
                               "`deeplense simulate`) or a packed store (made by `deeplense pack`).")
-    try: from deeplense_nb.data import get_dataloaders
-    except ImportError as e:
-        raise EvaluationError(f"reading the dataset {str(path)!r} needs deeplense_nb.data ({e}); "
-                              "pass a DataLoader or an (x, y) pair instead.") from e
-    return get_dataloaders(path, batch_size=batch_size, augment=False, num_workers=num_workers, val_frac=val_frac, seed=seed)
+    ds = open_dataset(path, on_error=on_error)
+    s = resolve_split(ds.split_names, split)
+    return (ds if s == "all" else ds.take_split(s)), s
 
 # %% ../nbs/07_evaluation.ipynb #de638839
 def _batch_xy(batch):
@@ -146,7 +160,7 @@ def predict_probs(models: nn.Module | Sequence[nn.Module], # one model or severa
                   device: str = "auto", # "auto", "cpu", "cuda[:N]" or "mps"
                   amp: bool | None = None, # autocast (bf16/fp16); None: on for CUDA only
                   n_worst: int = 32, # keep this many highest-loss samples and their images
-                  split: str = "val", # split of a DataLoaders / dataset folder
+                  split: str = "auto", # split of a DataLoaders / dataset folder (one of SPLITS)
                   progress: bool = False, # show a tqdm bar
                  ) -> Predictions:
     "Softmax probabilities averaged over `models` (and over D4 views with `tta`), batched, in inference mode."
@@ -768,9 +782,6 @@ def load_models(src, # nn.Module, checkpoint path, run folder, or a list of thes
         if not isinstance(s, (str, Path)):
             raise EvaluationError(f"expected a model, a checkpoint path or a run folder, got {type(s).__name__}.")
         ck = _resolve_checkpoint(Path(s))
-        try: from deeplense_nb.training import load_model
-        except ImportError as e:
-            raise EvaluationError(f"loading checkpoint {str(ck)!r} needs deeplense_nb.training ({e}).") from e
         m, meta = load_model(ck, device="cpu")
         models.append(m); names.append(str(ck)); metas.append(dict(meta or {}))
     return models, names, metas
@@ -787,7 +798,7 @@ def _train_setting(meta: dict, key: str, default):
 
 def evaluate(model, # nn.Module, checkpoint, run folder, or a list of these (soft ensemble)
              data, # dataset folder / packed store, DataLoader, DataLoaders, Dataset, or (x, y) pair
-             *, split: str = "val", # "val" or "test" (for dataset folders and DataLoaders)
+             *, split: str = "auto", # auto (val, else test, else all) | all | train | val | test
              tta: bool = False, # average over the 8 D4 flips/rotations
              batch_size: int = 256, # images per forward pass (x8 with TTA)
              device: str = "auto", # "auto", "cpu", "cuda[:N]" or "mps"
@@ -801,6 +812,7 @@ def evaluate(model, # nn.Module, checkpoint, run folder, or a list of these (sof
              num_workers: int = 0, # DataLoader workers when a loader is made from a folder
              progress: bool = False, # tqdm progress bar
              info: dict | None = None, # extra JSON-able fields for metrics.json (e.g. model, train_time_s)
+             on_error: str = "raise", # dataset folders: "raise" on a bad file, or "skip" it with a report
             ) -> Report:
     "Predict with one model or a soft ensemble (optionally with D4 TTA) and compute every metric into a `Report`."
     _choice("split", split, SPLITS)
@@ -808,13 +820,15 @@ def evaluate(model, # nn.Module, checkpoint, run folder, or a list of these (sof
     models, names, metas = load_models(model)
     t0 = time.perf_counter()
     notes = []
-    # a folder without a val split is split as the (first) checkpoint's training run split it
-    val_frac, split_seed = (_train_setting(metas[0], "val_frac", 0.1), _train_setting(metas[0], "seed", 0)) if metas else (0.1, 0)
-    if len({(_train_setting(m, "val_frac", 0.1), _train_setting(m, "seed", 0)) for m in metas}) > 1:
-        notes.append("the ensemble members were trained with different val_frac/seed; a carved-out validation split "
-                     "follows the first checkpoint's, so it may overlap the others' training data.")
-    loader, data_classes = as_loader(data, split=split, batch_size=batch_size, num_workers=num_workers,
-                                     val_frac=val_frac, seed=split_seed)
+    if isinstance(data, (str, Path)):
+        ds, s = _open_split(Path(data), split, on_error=on_error)
+        notes.append(f"scored the {s!r} split of {data} ({len(ds)} images)" if s != "all" else
+                     f"{data} has no validation or test split: scored every image ({len(ds)})")
+        if s in ("all", "train") and any(_train_setting(m, "data", None) == str(data) for m in metas):
+            notes.append("the model was trained on part of these images (its run carved its validation split off this "
+                         "data), so the scores are optimistic.")
+        data = BatchLoader(ds, batch_size=batch_size, num_workers=num_workers)
+    loader, data_classes = as_loader(data, split=split, batch_size=batch_size, num_workers=num_workers)
     ck_classes = next((c for c in map(_meta_classes, metas) if c), None)
     if data_classes and ck_classes and list(data_classes) != list(ck_classes):
         raise EvaluationError(f"the checkpoint was trained on classes {ck_classes} but the data have {data_classes}; "
@@ -897,7 +911,8 @@ def _cli_evaluate(p: argparse.ArgumentParser):
     p.add_argument("--checkpoint", action="append", required=True, metavar="CKPT",
                    help="checkpoint file or run folder (uses its best.ckpt); repeat for a soft ensemble")
     p.add_argument("--data", required=True, help="dataset folder or packed store")
-    p.add_argument("--split", default="val", choices=SPLITS, help="split to evaluate (default: val)")
+    p.add_argument("--split", default="auto", choices=SPLITS, help="split to score: auto (val, else test, else every image), all, train, val or test (default: auto)")
+    p.add_argument("--on-error", default="raise", choices=["raise", "skip"], help="bad data files: stop naming the file (raise, default) or skip them with a report")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations (D4 test-time augmentation)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default: auto)")
     p.add_argument("--batch-size", type=int, default=256, help="batch size (default: 256)")
@@ -916,7 +931,7 @@ def _cli_evaluate(p: argparse.ArgumentParser):
             except ValueError: raise EvaluationError(f"--threshold {a.threshold!r}: expected a number or 'youden'.")
         src = a.checkpoint[0] if len(a.checkpoint) == 1 else a.checkpoint
         rep = evaluate(src, a.data, split=a.split, tta=a.tta, batch_size=a.batch_size, device=a.device, amp=a.amp,
-                       history=a.history, threshold=thr, n_boot=a.n_boot, progress=True)
+                       history=a.history, threshold=thr, n_boot=a.n_boot, progress=True, on_error=a.on_error)
         out = rep.save(a.out)
         print(f"deeplense evaluate: {rep.headline()}")
         for n in rep.metrics["notes"]: print(f"  note: {n}")

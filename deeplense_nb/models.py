@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 from .core import DeepLenseError
+from .checkpoint import checkpoint_weights, load_checkpoint, register_builder
 
 # %% auto #0
 __all__ = ['UnknownModelError', 'WeightsError', 'MissingDependencyError', 'WeightsWarning', 'DeepLenseNet', 'ModelEntry',
@@ -184,9 +185,8 @@ def read_state_dict(path: str | Path, # `.safetensors`, a state dict saved with 
         try:
             with safe_open(str(p), "pt") as f: fmt = (f.metadata() or {}).get("format", "")
         except Exception as e: raise WeightsError(f"Weights file {str(p)!r} is not a readable safetensors file ({e}).") from e
-        if fmt.startswith("deeplense_nb.checkpoint"):  # a training checkpoint: the weights `training.load_model` uses
-            from deeplense_nb.training import load_checkpoint, _weights
-            return dict(_weights(load_checkpoint(p)))
+        if fmt.startswith("deeplense_nb.checkpoint"):  # a training checkpoint: the weights `checkpoint.load_model` uses
+            return dict(checkpoint_weights(load_checkpoint(p)))
         try: sd = load_file(str(p), device="cpu")
         except Exception as e: raise WeightsError(f"Weights file {str(p)!r} is not a readable safetensors file ({e}).") from e
     elif not head.startswith((b"PK\x03\x04", b"\x80")):  # torch's zip format, or a legacy pickle
@@ -547,6 +547,8 @@ def create_model(name: str, # a registered name (see `list_models`) or "timm/<ti
     model.model_config = {"builder": "deeplense_nb.models:create_model",
                           "kwargs": {"name": entry.name, "in_chans": in_chans, "num_classes": num_classes, **kw}}
     return model
+
+register_builder("deeplense_nb.models:create_model", create_model)  # checkpoints rebuild registered models only
 
 # %% ../nbs/04_models.ipynb #cf7ab1e0
 def num_params(name: str, *, in_chans: int = 1, num_classes: int = 3, **kw) -> int:

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from .core import Config, DeepLenseError, get_device, seed_everything
+from .checkpoint import register_builder
 from .simulate import CLASSES_T1, MANIFEST
 from .physics import (pixel_grid, alpha_sie, alpha_sis, alpha_shear, lens_equation,
                                   ellipticity_to_q_phi, q_phi_to_ellipticity)
@@ -375,6 +376,7 @@ class LensiformerNet(_PinnBase):
         "Logits `(B, num_classes)`."
         return self.head(self.drop(self.forward_features(x)))
 
+@register_builder("deeplense_nb.pinn:create_pinn")
 def create_pinn(kind: str = "twohead", # "twohead", "lensiformer", or "plain" (the baseline without physics)
                 *, backbone: str = "resnet18", # registry backbone (see `deeplense_nb.models.list_models`)
                 in_chans: int = 1, num_classes: int = 3,
@@ -476,6 +478,7 @@ class PhysicsObjective(nn.Module):
         self._last = terms
         return loss
 
+@register_builder("deeplense_nb.pinn:create_physics_objective")
 def create_physics_objective(model: dict, # `create_pinn` keyword arguments (a model's `model_config["kwargs"]`)
                              **kw, # `PhysicsObjective` settings
                             ) -> PhysicsObjective:

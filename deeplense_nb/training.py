@@ -18,15 +18,16 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, TensorDataset
 from fastcore.basics import patch
 from .core import Config, DeepLenseError, atomic_write, atomic_write_text, get_device, seed_everything
+from .checkpoint import (CKPT_FORMAT, CheckpointError, _jsonable, build_model, checkpoint_meta, checkpoint_weights,
+                                     load_checkpoint, load_model, register_builder, remove_stale_tmp, save_checkpoint)
 
 # %% auto #0
-__all__ = ['EVENTS', 'CKPT_FORMAT', 'CancelFitException', 'CancelEpochException', 'CancelTrainException', 'CancelValidException',
-           'CancelBatchException', 'CancelBackwardException', 'CancelStepException', 'CheckpointError', 'Callback',
-           'accuracy', 'roc_auc', 'synthetic_classification', 'TinyCNN', 'tiny_cnn', 'dist_env', 'init_distributed',
-           'ShardSampler', 'shard_loader', 'gather_rows', 'unwrap_model', 'find_bs', 'Learner', 'Recorder',
-           'ProgressCallback', 'HistoryLogger', 'save_checkpoint', 'load_checkpoint', 'find_rngs', 'rng_states',
-           'set_rng_states', 'get_rng_state', 'set_rng_state', 'SaveCheckpoint', 'build_model', 'load_model',
-           'DistributedCallback', 'TrainConfig', 'train_classifier']
+__all__ = ['EVENTS', 'CancelFitException', 'CancelEpochException', 'CancelTrainException', 'CancelValidException',
+           'CancelBatchException', 'CancelBackwardException', 'CancelStepException', 'Callback', 'accuracy', 'roc_auc',
+           'synthetic_classification', 'TinyCNN', 'tiny_cnn', 'dist_env', 'init_distributed', 'ShardSampler',
+           'shard_loader', 'gather_rows', 'unwrap_model', 'find_bs', 'Learner', 'Recorder', 'ProgressCallback',
+           'HistoryLogger', 'DivergenceError', 'StopOnNonFinite', 'find_rngs', 'rng_states', 'set_rng_states',
+           'get_rng_state', 'set_rng_state', 'SaveCheckpoint', 'DistributedCallback', 'TrainConfig', 'train_classifier']
 
 # %% ../nbs/06_training.ipynb #68cb0edf
 class CancelFitException(Exception):      "Stop training now; `after_cancel_fit` and `after_fit` still fire."
@@ -36,9 +37,6 @@ class CancelValidException(Exception):    "Skip the rest of this validation pass
 class CancelBatchException(Exception):    "Skip the rest of this batch (no step, no `zero_grad`)."
 class CancelBackwardException(Exception): "Skip the backward pass of this batch."
 class CancelStepException(Exception):     "Skip the optimizer step of this batch."
-
-class CheckpointError(DeepLenseError):
-    "A checkpoint file is missing, incomplete, corrupt or not a deeplense_nb checkpoint."
 
 EVENTS = ("before_fit", "before_epoch", "before_train", "before_batch", "after_pred", "after_loss", "before_backward",
           "after_backward", "before_step", "after_step", "after_cancel_batch", "after_batch", "after_cancel_train",
@@ -124,6 +122,7 @@ class TinyCNN(nn.Module):
     def forward_features(self, x): return self.features(x)
     def forward(self, x): return self.head(self.features(x))
 
+@register_builder("deeplense_nb.training:tiny_cnn")
 def tiny_cnn(*, in_chans: int = 1, num_classes: int = 2, width: int = 8, norm: bool = True, dropout: float = 0.) -> TinyCNN:
     "Build a `TinyCNN` (the builder recorded in its `model_config`)."
     return TinyCNN(in_chans, num_classes, width=width, norm=norm, dropout=dropout)
@@ -251,12 +250,6 @@ def _param_groups(model: nn.Module, wd: float) -> list[dict]:
     for p in model.parameters():
         if p.requires_grad: (no_decay if p.ndim <= 1 else decay).append(p)
     return [g for g in ({"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-
-def _jsonable(o):
-    if o is None: return None
-    if hasattr(o, "to_dict"): o = o.to_dict()
-    elif dataclasses.is_dataclass(o) and not isinstance(o, type): o = dataclasses.asdict(o)
-    return json.loads(json.dumps(o, default=str))
 
 # %% ../nbs/06_training.ipynb #70022836
 class Learner:
@@ -567,66 +560,35 @@ class HistoryLogger(Callback):
         atomic_write_text(d / f"{self.fname}.csv", _history_csv(self.learn.history))
         atomic_write_text(d / f"{self.fname}.json", json.dumps(self.learn.history, indent=1) + "\n")
 
-# %% ../nbs/06_training.ipynb #83f78b6e
-CKPT_FORMAT = "deeplense_nb.checkpoint.v1"
+# %% ../nbs/06_training.ipynb #217ab9d0
+class DivergenceError(DeepLenseError):
+    "Training produced a non-finite loss or prediction."
 
-def _pack(o, tensors: dict, key: str):
-    "JSON-able form of `o`; tensors go to `tensors[key...]` and are replaced by references."
-    if isinstance(o, torch.Tensor):
-        tensors[key] = o.detach().to("cpu", copy=True).contiguous(); return {"__tensor__": key}
-    if isinstance(o, np.ndarray): return {"__ndarray__": o.tolist(), "dtype": str(o.dtype)}
-    if isinstance(o, (np.integer, np.floating, np.bool_)): return o.item()
-    if o is None or isinstance(o, (bool, int, float, str)): return o
-    if isinstance(o, tuple): return {"__tuple__": [_pack(v, tensors, f"{key}.{i}") for i, v in enumerate(o)]}
-    if isinstance(o, list): return [_pack(v, tensors, f"{key}.{i}") for i, v in enumerate(o)]
-    if isinstance(o, dict):
-        if all(isinstance(k, str) for k in o): return {k: _pack(v, tensors, f"{key}.{k}") for k, v in o.items()}
-        return {"__items__": [[_pack(k, tensors, f"{key}.k{i}"), _pack(v, tensors, f"{key}.{i}")] for i, (k, v) in enumerate(o.items())]}
-    raise TypeError(f"cannot checkpoint a {type(o).__name__} (at {key}); use tensors, arrays, numbers, strings, lists and dicts.")
+class StopOnNonFinite(Callback):
+    "Raise `DivergenceError` (epoch, batch, a hint) at the first non-finite training loss or validation prediction."
+    order, run_lr_find = -21, False  # before the Recorder, which computes metrics from the predictions
+    def __init__(self, hint: str = "lower the learning rate or clip the gradients"): self.hint = hint
 
-def _unpack(o, tensors: dict):
-    if isinstance(o, list): return [_unpack(v, tensors) for v in o]
-    if not isinstance(o, dict): return o
-    if "__tensor__" in o: return tensors[o["__tensor__"]]
-    if "__ndarray__" in o: return np.array(o["__ndarray__"], dtype=o["dtype"])
-    if "__tuple__" in o: return tuple(_unpack(v, tensors) for v in o["__tuple__"])
-    if "__items__" in o: return {_unpack(k, tensors): _unpack(v, tensors) for k, v in o["__items__"]}
-    return {k: _unpack(v, tensors) for k, v in o.items()}
+    def before_train(self): self._first = None
+    def after_loss(self):
+        L = self.learn
+        if not L.training: return
+        bad = ~torch.isfinite(L.loss)
+        if L.device.type == "cpu":
+            if bad: self._stop(L.iter, float(L.loss))
+            return
+        it = torch.full((), L.iter, device=L.device)
+        self._first = torch.where(bad, it, torch.full_like(it, -1)) if self._first is None else torch.where((self._first < 0) & bad, it, self._first)
+    def after_train(self):
+        if self._first is not None and int(self._first) >= 0: self._stop(int(self._first), float("nan"))
+    def after_validate(self):
+        p = getattr(self.learn.recorder, "_preds", None)
+        if p and not bool(torch.isfinite(torch.cat(p)).all()): self._stop(None, float("nan"), "validation predictions are")
 
-def save_checkpoint(path: str | Path, # target file, e.g. run/last.ckpt
-                    model_state: dict, # the model's state_dict
-                    *, meta: dict | None = None, # JSON-able metadata (epoch, history, model_config, config, ...)
-                    state: dict | None = None, # training state: nested dicts/lists of tensors, arrays and numbers
-                   ) -> Path:
-    "Write a checkpoint atomically (temporary file + `os.replace`) as one safetensors file."
-    from safetensors.torch import save_file
-    tensors = {f"model.{k}": v.detach().to("cpu", copy=True).contiguous() for k, v in model_state.items()}
-    packed = _pack(state or {}, tensors, "state")
-    md = {"format": CKPT_FORMAT, "meta": json.dumps(_jsonable(meta or {})), "state": json.dumps(packed)}
-    def write(tmp):
-        save_file(tensors, str(tmp), metadata=md)
-        os.chmod(tmp, 0o644)  # safetensors creates files readable by the owner only
-    return atomic_write(path, write)
-
-def load_checkpoint(path: str | Path, # a checkpoint file written by `save_checkpoint`
-                   ) -> dict:
-    "Read a checkpoint: `{'meta', 'model' (state dict), 'state', 'path'}`; raises `CheckpointError` on anything incomplete."
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    path = Path(path)
-    if not path.is_file(): raise CheckpointError(f"checkpoint {str(path)!r} does not exist.")
-    try:
-        with safe_open(str(path), "pt") as f: md = f.metadata() or {}
-        tensors = load_file(str(path))
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete or corrupt ({type(e).__name__}: {e}); it was not "
-                              "written by a finished save. Resume from another checkpoint or delete it.") from e
-    if md.get("format") != CKPT_FORMAT:
-        raise CheckpointError(f"{str(path)!r} is a safetensors file but not a deeplense_nb checkpoint "
-                              f"(format {md.get('format')!r}, expected {CKPT_FORMAT!r}).")
-    meta, state = json.loads(md["meta"]), _unpack(json.loads(md["state"]), tensors)
-    model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    return {"meta": meta, "model": model, "state": state, "path": str(path)}
+    def _stop(self, batch, value, what: str = "the training loss is"):
+        L = self.learn; at = f"epoch {L.epoch}" + (f", batch {batch}" if batch is not None else "")
+        kept = f"; the history and checkpoints of epoch {L.epoch - 1} are kept in {L.path}" if L.path is not None and L.epoch > L.start_epoch else ""
+        raise DivergenceError(f"training diverged at {at}: {what} not finite ({value}){kept}. Hint: {self.hint}.")
 
 # %% ../nbs/06_training.ipynb #7fd1e107
 _RNG_TYPES = (torch.Generator, np.random.Generator)
@@ -755,7 +717,7 @@ def load(self: Learner, path: str | Path, # checkpoint file (relative names are 
         ):
     "Load weights (and optimizer state) from a checkpoint, e.g. to fine-tune or evaluate; `fit(resume=...)` restores everything."
     ck = load_checkpoint(self._ckpt_path(path))
-    self.raw_model.load_state_dict(_weights(ck, weights))
+    self.raw_model.load_state_dict(checkpoint_weights(ck, weights))
     if with_opt and ck["state"].get("opt") is not None:
         if self.opt is None: self.create_opt()
         self.opt.load_state_dict(ck["state"]["opt"])
@@ -789,7 +751,9 @@ class SaveCheckpoint(Callback):
 
     folder = property(lambda self: _cb_folder(self), doc="Folder the checkpoints are written to.")
 
-    def before_fit(self): self.best, self.best_epoch = None, None
+    def before_fit(self):
+        self.best, self.best_epoch = None, None
+        if self.learn.is_main: remove_stale_tmp(self.folder)  # what a killed write left behind
 
     def after_epoch(self):
         L = self.learn; v = _monitored(L, self.monitor, "SaveCheckpoint")
@@ -803,46 +767,19 @@ class SaveCheckpoint(Callback):
             else: L.save(self.folder / "best.ckpt", best=best)
 
     def state_dict(self): return {"best": self.best, "best_epoch": self.best_epoch}
-    def load_state_dict(self, s): self.best, self.best_epoch = s["best"], s["best_epoch"]
+    def load_state_dict(self, s):
+        self.best, self.best_epoch = s["best"], s["best_epoch"]
+        if self.learn.is_main and self.best_file: self._repair_best(self.learn._resume)
 
-# %% ../nbs/06_training.ipynb #de1c7cc7
-def _weights(ck: dict, which: str = "auto") -> dict:
-    if which not in ("auto", "model", "ema"): raise DeepLenseError(f"weights={which!r}: expected 'auto', 'model' or 'ema'.")
-    ema = (ck["state"].get("callbacks", {}).get("ema") or {}).get("shadow")
-    if which == "ema" and ema is None: raise CheckpointError(f"checkpoint {ck.get('path')} holds no EMA weights; use weights='model'.")
-    return ema if (ema is not None and which in ("auto", "ema")) else ck["model"]
-
-def build_model(model_config: dict, # {"builder": "deeplense_nb.<module>:<function>", "kwargs": {...}}
-               ) -> nn.Module:
-    "Call the builder named in `model_config` (which must live in the `deeplense_nb.` namespace) with its kwargs."
-    if not isinstance(model_config, dict) or "builder" not in model_config:
-        raise CheckpointError(f"model_config {model_config!r} has no 'builder'; expected {{'builder': 'deeplense_nb.mod:fn', 'kwargs': {{...}}}}.")
-    builder = str(model_config["builder"]); mod, _, fn = builder.partition(":")
-    if not (mod.startswith("deeplense_nb.") and fn.isidentifier()):
-        raise DeepLenseError(f"refusing to build a model with {builder!r}: only builders 'deeplense_nb.<module>:<function>' "
-                             "can be named in a checkpoint.")
-    try: f = getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError) as e: raise CheckpointError(f"model builder {builder!r} cannot be imported ({e}).") from e
-    return f(**model_config.get("kwargs", {}))
-
-def load_model(ckpt: str | Path, # checkpoint file, or a run folder (uses best.ckpt, else last.ckpt)
-               *, device: str | torch.device = "cpu",
-               weights: str = "auto", # "auto" (EMA weights when present), "model" or "ema"
-              ) -> tuple[nn.Module, dict]:
-    "Rebuild the model saved in a checkpoint and load its weights; returns `(model in eval mode, meta)`."
-    p = Path(ckpt)
-    if p.is_dir():
-        found = [p / n for n in ("best.ckpt", "last.ckpt") if (p / n).is_file()]
-        if not found: raise CheckpointError(f"run folder {str(p)!r} has no best.ckpt or last.ckpt.")
-        p = found[0]
-    ck = load_checkpoint(p)
-    cfg = ck["meta"].get("model_config")
-    if cfg is None:
-        raise CheckpointError(f"checkpoint {str(p)!r} has no model_config, so the model cannot be rebuilt; build it yourself "
-                              "and use Learner.load, or give the model a model_config attribute before training.")
-    model = build_model(cfg)
-    model.load_state_dict(_weights(ck, weights))
-    return model.to(get_device(device)).eval(), ck["meta"]
+    def _repair_best(self, ck):
+        "On resume, make best.ckpt the epoch this state calls best: copy the resumed checkpoint when a kill came between the writes."
+        best = self.folder / "best.ckpt"
+        have = checkpoint_meta(best).get("epoch") if best.is_file() else None
+        if self.best_epoch is None or have == self.best_epoch: return
+        if ck is not None and ck["meta"].get("epoch") == self.best_epoch and Path(ck["path"]).resolve() != best.resolve():
+            atomic_write(best, lambda tmp: shutil.copyfile(ck["path"], tmp)); return
+        raise CheckpointError(f"{best} holds epoch {have} but the resumed run's best epoch is {self.best_epoch}, and that "
+                              "epoch's weights are gone; resume with --overwrite to start again, or restore best.ckpt.")
 
 # %% ../nbs/06_training.ipynb #b0497756
 class DistributedCallback(Callback):
@@ -910,6 +847,7 @@ class TrainConfig(Config):
     augment: bool = True
     balance: str | float | None = None  # None, "weighted", or a minority:majority ratio such as 0.2
     subset: float | int | None = None   # keep a stratified fraction (or number) of every split
+    on_error: str = "raise"       # bad data files: "raise" (stop before training, naming the file) or "skip" (report and go on)
     num_workers: int = 0
     data_on_device: bool = False  # produce batches on the training device (a packed store is held there whole)
     seed: int = 0
@@ -925,6 +863,9 @@ class TrainConfig(Config):
         for k in ("epochs", "batch_size", "grad_accum"):
             if int(getattr(self, k)) < 1: raise DeepLenseError(f"{k} must be >= 1, got {getattr(self, k)}.")
         if not self.lr > 0: raise DeepLenseError(f"lr must be > 0, got {self.lr}.")
+        _check("on_error", self.on_error, ("raise", "skip"))
+        if not 0 < self.val_frac < 1: raise DeepLenseError(f"val_frac must be between 0 and 1, got {self.val_frac}.")
+        if self.subset is not None and not self.subset > 0: raise DeepLenseError(f"subset must be > 0 (a fraction or a count), got {self.subset}.")
         return self
 
 # %% ../nbs/06_training.ipynb #fe0a6b11
@@ -941,7 +882,7 @@ def _make_opt(name: str) -> Callable:
 
 def _callbacks(cfg: TrainConfig, device: torch.device, num_classes: int) -> list[Callback]:
     from deeplense_nb import callbacks as C
-    cbs = [SaveCheckpoint(monitor=cfg.monitor), HistoryLogger()]
+    cbs = [SaveCheckpoint(monitor=cfg.monitor), HistoryLogger(), StopOnNonFinite("lower the learning rate (--lr) or clip the gradients (--clip 1.0)")]
     amp = cfg.amp
     if amp == "auto": amp = "auto" if device.type == "cuda" else "off"
     if amp != "off": cbs.append(C.MixedPrecision(amp))
@@ -971,6 +912,40 @@ def _summary(learn: Learner, cfg: TrainConfig, out: Path, classes, wall: float) 
             "files": {"best": str(out / "best.ckpt"), "last": str(out / "last.ckpt"), "history": str(out / "history.csv")},
             "config": cfg.to_dict()}
 
+_RUN_FILES = ("config.json", "metrics.json", "last.ckpt", "best.ckpt", "history.csv", "history.json")
+
+def _check_out(out: Path, *, resume: bool, overwrite: bool) -> list[str]:
+    "The run files already in `out`; refuses a finished run unless resuming or overwriting (nothing is touched)."
+    if resume and overwrite: raise DeepLenseError("choose resume (continue the run) or overwrite (start again), not both.")
+    if out.exists() and not out.is_dir(): raise DeepLenseError(f"--out {out} is a file, not a run folder; choose a folder name.")
+    found = [n for n in _RUN_FILES if (out / n).exists()] if out.is_dir() else []
+    if found and not (resume or overwrite):
+        raise DeepLenseError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it or "
+                             "--overwrite to start again.")
+    if resume and found and "last.ckpt" not in found and {"best.ckpt", "metrics.json"} & set(found):
+        raise DeepLenseError(f"{out} holds a run but no last.ckpt to resume from; pass --overwrite to start again.")
+    return found
+
+def _check_resumable(ck: Path, cfg: TrainConfig, saved_now: dict):
+    "Refuse to resume with another model, task, class list or image shape, before anything in the run folder changes."
+    saved = checkpoint_meta(ck).get("config") or {}
+    old, diffs = saved.get("train") or {}, []
+    for k in ("model", "model_kwargs", "task"):
+        a, b = old.get(k), getattr(cfg, k)
+        if a is not None and b is not None and _jsonable(a) != _jsonable(b): diffs.append(f"{k} {a!r} -> {b!r}")
+    for k in ("classes", "in_chans", "img_size"):
+        if k in saved and _jsonable(saved[k]) != _jsonable(saved_now[k]): diffs.append(f"{k} {saved[k]!r} -> {saved_now[k]!r}")
+    if diffs:
+        raise DeepLenseError(f"cannot resume {ck.parent}: its run used other settings or data ({'; '.join(diffs)}); "
+                             "use another --out, or --overwrite to start again.")
+
+def _split_note(dls, cfg: TrainConfig) -> str:
+    "How the validation split was made, for the output and metrics.json."
+    if cfg.folds and cfg.folds > 1: return f"validation: fold {cfg.fold} of {cfg.folds} of the training pool"
+    if set(dls.valid.dataset.split_names) & {"val", "valid", "validation"}: return "validation: the data's own val split"
+    return (f"validation: the data have no val split, so a stratified {cfg.val_frac:.0%} of train is carved off "
+            f"(seed {cfg.seed}) and not trained on")
+
 def train_classifier(data, # dataset folder (real or simulated layout) or packed store
                      *, task: str | None = None, # "substructure" or "lens-finding" (None: detect)
                      model: str = "resnet18", epochs: int = 10, batch_size: int = 64, lr: float = 1e-3,
@@ -979,6 +954,7 @@ def train_classifier(data, # dataset folder (real or simulated layout) or packed
                      amp: str | bool | None = None, # None/"auto": on for CUDA; "bf16", "fp16", "off"/False
                      seed: int = 0,
                      resume: bool = False, # continue from out/last.ckpt when it exists
+                     overwrite: bool = False, # start again in an `out` that already holds a run (its run files are replaced)
                      progress: bool = True, # progress bars and per-epoch lines
                      cbs: Sequence[Callback] = (), # extra callbacks
                      **kw, # any other `TrainConfig` field: wd, opt, loss, sched, ema, mixup, cutmix, grad_accum, clip, ...
@@ -994,12 +970,13 @@ def train_classifier(data, # dataset folder (real or simulated layout) or packed
     cfg = TrainConfig(data=str(data), task=task, model=model, epochs=epochs, batch_size=batch_size, lr=lr, amp=amp,
                       seed=seed, **kw).validate()
     out = Path(out)
+    existing = _check_out(out, resume=resume, overwrite=overwrite)
     dev, rank, world = init_distributed(device)
     seed_everything(cfg.seed, deterministic=cfg.deterministic)
     dls = get_dataloaders(data, task=_TASKS.get(cfg.task) if cfg.task else None, batch_size=cfg.batch_size,
                           val_frac=cfg.val_frac, seed=cfg.seed, augment=cfg.augment, num_workers=cfg.num_workers,
                           balance=cfg.balance, subset=cfg.subset, device=dev if cfg.data_on_device else None,
-                          folds=cfg.folds, fold=cfg.fold)
+                          folds=cfg.folds, fold=cfg.fold, on_error=cfg.on_error)
     if dls.valid is None: raise DeepLenseError(f"{data}: no validation split; set val_frac > 0.")
     classes = list(dls.classes)
     net = create_model(cfg.model, in_chans=dls.in_chans, num_classes=len(classes), pretrained=cfg.pretrained, **cfg.model_kwargs)
@@ -1007,15 +984,18 @@ def train_classifier(data, # dataset folder (real or simulated layout) or packed
                     metrics=[roc_auc, accuracy], cbs=[*_callbacks(cfg, dev, len(classes)), *cbs], device=dev, path=out, progress=progress,
                     config={"train": cfg.to_dict(), "classes": classes, "task": cfg.task, "in_chans": dls.in_chans,
                             "img_size": getattr(dls, "img_size", None)})
-    ck = None
+    ck, note = None, _split_note(dls, cfg)
     if resume:
-        if (out / "last.ckpt").is_file(): ck = out / "last.ckpt"
+        if (out / "last.ckpt").is_file(): ck = out / "last.ckpt"; _check_resumable(ck, cfg, learn.config)
         elif learn.is_main: print(f"deeplense train: no checkpoint in {out} yet; starting from scratch.")
     if learn.is_main:
+        print(f"deeplense train: {note}.")
+        if overwrite:
+            for n in existing: (out / n).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True); atomic_write_text(out / "config.json", cfg.to_json() + "\n")
     t0 = time.perf_counter()
     learn.fit(cfg.epochs, resume=ck)
-    metrics = _summary(learn, cfg, out, classes, time.perf_counter() - t0)
+    metrics = _summary(learn, cfg, out, classes, time.perf_counter() - t0) | {"validation": note}
     if learn.is_main: atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -1038,7 +1018,9 @@ def _cli_train(p: argparse.ArgumentParser):
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
     p.add_argument("--wd", type=float, default=d.wd, help=f"weight decay (default: {d.wd})")
     p.add_argument("--out", required=True, help="run folder for best.ckpt, last.ckpt, history.csv, metrics.json")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.ckpt when it exists")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.ckpt")
+    p.add_argument("--overwrite", action="store_true", help="start again in an --out that already holds a run (its run files are replaced)")
+    p.add_argument("--on-error", default="raise", choices=["raise", "skip"], help="bad data files: stop naming the file (raise, default) or skip them with a report")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default: auto)")
     p.add_argument("--amp", default="auto", choices=list(_AMPS), help="mixed precision (default: auto = on for CUDA)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
@@ -1064,7 +1046,7 @@ def _cli_train(p: argparse.ArgumentParser):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     def run(a):
         m = train_classifier(a.data, task=a.task, model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, wd=a.wd,
-                             out=a.out, device=a.device, amp=a.amp, seed=a.seed, resume=a.resume, progress=not a.no_progress,
+                             out=a.out, device=a.device, amp=a.amp, seed=a.seed, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress, on_error=a.on_error,
                              opt=a.opt, loss=a.loss, sched=a.sched, ema=a.ema, mixup=a.mixup, cutmix=a.cutmix,
                              grad_accum=a.grad_accum, clip=a.clip, early_stop=a.early_stop, monitor=a.monitor,
                              channels_last=a.channels_last, compile=a.compile, pretrained=a.pretrained, val_frac=a.val_frac,

@@ -198,7 +198,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     net = _random_cnn()
     x, y = torch.randn(4, 1, 24, 24), torch.arange(4) % 3
     cases = [
-        (lambda: evaluate(net, (x, y), split="train"), "expected one of 'val', 'test'"),
+        (lambda: evaluate(net, (x, y), split="training"), "expected one of 'auto', 'all', 'train', 'val', 'test'"),
         (lambda: evaluate(net, (x, y[:3])), "to match x"),
         (lambda: evaluate(net, (x, y), classes=["a", "b"]), "pass 3 names"),
         (lambda: evaluate(net, {"x": x}), "cannot evaluate on data of type dict"),
