@@ -12,8 +12,8 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
+import safetensors.torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from .core import DeepLenseError, atomic_write, get_device, pid_alive
 
 # %% auto #0
@@ -70,7 +70,7 @@ def save_checkpoint(path: str | Path, # target file, e.g. run/last.ckpt
     packed = _pack(state or {}, tensors, "state")
     md = {"format": CKPT_FORMAT, "meta": json.dumps(_jsonable(meta or {})), "state": json.dumps(packed)}
     def write(tmp):
-        save_file(tensors, str(tmp), metadata=md)
+        safetensors.torch.save_file(tensors, str(tmp), metadata=md)
         os.chmod(tmp, 0o644)  # safetensors creates files readable by the owner only
     return atomic_write(path, write)
 
@@ -107,7 +107,7 @@ def load_checkpoint(path: str | Path, # a checkpoint file written by `save_check
     meta = checkpoint_meta(path)
     try:
         with safe_open(str(path), "pt") as f: md = f.metadata()
-        tensors = load_file(str(path))
+        tensors = safetensors.torch.load_file(str(path))
         state = _unpack(json.loads(md["state"]), tensors)
     except OSError as e: raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({e.strerror or e}).") from None
     except Exception as e:
