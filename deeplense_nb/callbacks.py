@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from fastcore.basics import patch
 from .core import DeepLenseError
+from .data import CutMix, MixUp
 from .training import (Callback, Learner, CancelBatchException, CancelFitException, CancelStepException,
                                    get_rng_state, set_rng_state, rng_states, set_rng_states, _improved, _mode, _monitored)
 
@@ -300,7 +301,6 @@ class MixUpCallback(Callback):
         m = self.learn.raw_model
         nc = self.num_classes or getattr(m, "num_classes", None) or (getattr(m, "model_config", None) or {}).get("kwargs", {}).get("num_classes")
         if not nc: raise DeepLenseError("MixUpCallback needs num_classes (the model has no num_classes attribute).")
-        from deeplense_nb.data import CutMix, MixUp
         seed = self.seed if self.seed is not None else int(torch.randint(0, 2 ** 31 - 1, ()))
         self.mixer = (MixUp if self.kind == "mixup" else CutMix)(self.alpha, int(nc), seed=seed)
 

@@ -85,7 +85,7 @@ def _read_header(path: Path) -> dict:
     except OSError as e:
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({e.strerror or e}).") from None
     except Exception as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a complete safetensors file ({type(e).__name__}: {e}): "
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete or corrupt ({type(e).__name__}: {e}): "
                               "it was cut short (an interrupted copy, download or write) or is not a checkpoint.") from None
 
 def checkpoint_meta(path: str | Path, # a checkpoint file written by `save_checkpoint`
@@ -167,9 +167,9 @@ def _check_settings(kwargs, where: str):
         raise CheckpointError(f"{where}: settings must be JSON values, got a {type(kwargs).__name__}.")
 
 # %% ../nbs/03a_checkpoint.ipynb #595ad377
-def _builder(name) -> tuple[Callable, Callable | None]:
+def _builder(name, source: str) -> tuple[Callable, Callable | None]:
     if not isinstance(name, str) or name not in model_builders():
-        raise CheckpointError(f"refusing to build a model with builder {name!r}: a checkpoint may only name a registered "
+        raise CheckpointError(f"{source}: refusing to build a model with builder {name!r}: a checkpoint may only name a registered "
                               f"builder ({', '.join(model_builders())}); register yours with `register_builder`.")
     if name not in _BUILDERS: importlib.import_module(_PACKAGE_BUILDERS[name])  # a fixed module of this package
     if name not in _BUILDERS: raise CheckpointError(f"builder {name!r} was not registered by {_PACKAGE_BUILDERS[name]}.")
@@ -181,7 +181,7 @@ def build_model(model_config: dict, # {"builder": NAME, "kwargs": {...}} as reco
     "Rebuild a model with a registered builder after checking every setting; anything else is refused before any call."
     if not isinstance(model_config, dict) or "builder" not in model_config:
         raise CheckpointError(f"{source}: model_config {model_config!r} has no 'builder'; expected {{'builder': NAME, 'kwargs': {{...}}}}.")
-    fn, check = _builder(model_config["builder"])
+    fn, check = _builder(model_config["builder"], source)
     kw = model_config.get("kwargs", {})
     if not isinstance(kw, dict): raise CheckpointError(f"{source}: model_config kwargs must be an object, got {type(kw).__name__}.")
     where = f"{source} (builder {model_config['builder']})"
@@ -191,8 +191,9 @@ def build_model(model_config: dict, # {"builder": NAME, "kwargs": {...}} as reco
     if check is not None: check(kw)
     try: return fn(**kw)
     except DeepLenseError as e: raise CheckpointError(f"{where}: {e}") from None
-    except (TypeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{where}: the model cannot be rebuilt from these settings ({type(e).__name__}: {e}).") from None
+    except (TypeError, ValueError, KeyError, RuntimeError, MemoryError) as e:  # RuntimeError: e.g. absurd sizes that cannot be allocated
+        msg = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{where}: the model cannot be rebuilt from these settings ({type(e).__name__}: {msg}).") from None
 
 # %% ../nbs/03a_checkpoint.ipynb #116ae409
 def checkpoint_weights(ck: dict, # `load_checkpoint` output

@@ -17,7 +17,7 @@ COMMANDS = {  # name: ("module:builder", help)
     "simulate":    ("deeplense_nb.simulate:_cli_simulate", "simulate a DeepLense dataset (task1, lens-finding, diffusion) in the real layout"),
     "pack":        ("deeplense_nb.data:_cli_pack", "pack a dataset folder into one memory-mapped store for fast training"),
     "list-models": ("deeplense_nb.models:_cli_list_models", "list the registered models"),
-    "train":       ("deeplense_nb.training:_cli_train", "train a classifier on a dataset folder or packed store"),
+    "train":       ("deeplense_nb.classify:_cli_train", "train a classifier on a dataset folder or packed store"),
     "evaluate":    ("deeplense_nb.evaluation:_cli_evaluate", "evaluate checkpoints (ensemble, TTA) and write a report"),
     "run":         ("deeplense_nb.experiments:_cli_run", "run an experiment notebook headless with papermill"),
     "demo":        ("deeplense_nb.experiments:_cli_demo", "simulate, train, evaluate and write a report: what `make demo` runs"),

@@ -6,16 +6,17 @@ Docs: https://ml4sci.github.io/deeplense_nb/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #992bca42
 from __future__ import annotations
-import dataclasses, json, os, random, platform, sys
+import argparse, dataclasses, json, os, random, platform, sys
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+from fastcore.docments import docments
 import numpy as np
 import torch
 
 # %% auto #0
 __all__ = ['DeepLenseError', 'ConfigError', 'get_device', 'seed_everything', 'Config', 'pid_alive', 'fsync_dir', 'atomic_write',
-           'atomic_write_text', 'env_info']
+           'atomic_write_text', 'add_config_arguments', 'read_config_file', 'config_from_args', 'env_info']
 
 # %% ../nbs/00_core.ipynb #455d652c
 class DeepLenseError(Exception):
@@ -162,6 +163,50 @@ def atomic_write(path: str | Path, write, # `write(tmp_path)` writes the whole c
 def atomic_write_text(path: str | Path, text: str) -> Path:
     "Write `text` to `path` atomically (see `atomic_write`)."
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+# %% ../nbs/00_core.ipynb #f96e1022
+def _json_arg(s: str):
+    try: return json.loads(s)
+    except json.JSONDecodeError as e: raise argparse.ArgumentTypeError(f"expected JSON, e.g. '{{\"gamma\": 2}}' ({e})") from None
+
+def add_config_arguments(cls, # a `Config` dataclass
+                         p: argparse.ArgumentParser, *, skip: Sequence[str] = (), # fields that get no flag
+                         choices: dict | None = None, types: dict | None = None, # per-field argparse choices / type
+                        ) -> argparse.ArgumentParser:
+    "Add one `--field-name` flag per dataclass field: type from the annotation, help from its comment, default from the dataclass."
+    docs, choices, types = docments(cls, full=True), choices or {}, types or {}
+    for f in fields(cls):
+        if f.name in skip: continue
+        d, anno = docs[f.name], str(docs[f.name]["anno"])
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{d['docment'] or f.name.replace('_', ' ')} (default: {default})".replace("%", "%%"))
+        if f.name in types: kw["type"] = types[f.name]
+        elif "bool" in anno: kw["action"] = argparse.BooleanOptionalAction
+        elif "dict" in anno or "list" in anno: kw.update(type=_json_arg, metavar="JSON")
+        elif "float" in anno: kw["type"] = float
+        elif "int" in anno: kw["type"] = int
+        if f.name in choices: kw["choices"] = list(choices[f.name])
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+    return p
+
+# %% ../nbs/00_core.ipynb #8d52197d
+def read_config_file(path: str | Path) -> dict:
+    "Settings from a JSON or TOML file (a `[train]`-style table is not needed: top-level keys are the fields)."
+    p = Path(path)
+    if not p.is_file(): raise ConfigError(f"config file {p} does not exist.")
+    try:
+        if p.suffix.lower() == ".toml":
+            import tomllib
+            return tomllib.loads(p.read_text())
+        d = json.loads(p.read_text())
+    except (ValueError, ImportError) as e: raise ConfigError(f"config file {p} cannot be read ({type(e).__name__}: {e}).") from None
+    if not isinstance(d, dict): raise ConfigError(f"config file {p} must hold an object of settings, not a {type(d).__name__}.")
+    return d
+
+def config_from_args(cls, ns: argparse.Namespace, base: dict | None = None):
+    "A `cls` from its defaults, then `base` (e.g. a config file's settings), then the flags given on the command line."
+    given = {f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)}
+    return cls.from_dict({**(base or {}), **given})
 
 # %% ../nbs/00_core.ipynb #ad3d0960
 def env_info(device: str = "auto") -> dict:

@@ -165,7 +165,7 @@ def _cli_run(p):
 def cross_validate(data, *, folds: int = 5, out: str | Path = "runs/cv", **train_kw) -> dict:
     "k-fold cross-validation with `train_classifier`: per-fold metrics and mean +- std of AUC and accuracy."
     import numpy as np
-    from deeplense_nb.training import train_classifier
+    from deeplense_nb.classify import train_classifier
     if folds < 2: raise DeepLenseError(f"folds={folds}: cross-validation needs at least 2 folds")
     per = []
     for f in range(folds):
@@ -186,7 +186,7 @@ def run_demo(out: str | Path = "demo_out", *, device: str = "auto", seed: int = 
     "Simulate -> train -> evaluate -> report, printing each step; returns the evaluation metrics."
     from deeplense_nb.core import get_device, env_info
     from deeplense_nb.simulate import simulate_task1, get_preset
-    from deeplense_nb.training import train_classifier
+    from deeplense_nb.classify import train_classifier
     from deeplense_nb.evaluation import evaluate
     dev = get_device(device)
     cfg = {**(DEMO_GPU if dev.type == "cuda" else DEMO_CPU), **overrides}

@@ -290,7 +290,7 @@ def test_compare_runs(tmp_path):
 @pytest.fixture(scope="module")
 def task1_run(tmp_path_factory):
     from deeplense_nb.data import make_toy_dataset
-    from deeplense_nb.training import train_classifier
+    from deeplense_nb.classify import train_classifier
     root = tmp_path_factory.mktemp("eval_task1")
     data = make_toy_dataset(root / "data", layout="task1", n_per_class=12, img_size=32)
     train_classifier(data, model="cnn_baseline", epochs=2, batch_size=16, out=root / "run", device="cpu",
@@ -329,7 +329,7 @@ def test_ensemble_of_checkpoints_on_a_folder(task1_run):
 
 def test_binary_checkpoint_on_the_test_split(tmp_path):
     from deeplense_nb.data import make_toy_dataset
-    from deeplense_nb.training import train_classifier
+    from deeplense_nb.classify import train_classifier
     data = make_toy_dataset(tmp_path / "data", layout="task2", n_per_class=6, n_val_per_class=3, img_size=32)
     train_classifier(data, model="cnn_baseline", epochs=1, batch_size=16, out=tmp_path / "run", device="cpu",
                      progress=False, sched="none")

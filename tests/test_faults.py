@@ -13,7 +13,8 @@ from deeplense_nb.core import DeepLenseError, Config
 from deeplense_nb.checkpoint import CheckpointError, build_model, checkpoint_meta, load_model
 from deeplense_nb.data import BadFileError, LayoutError, make_toy_dataset
 from deeplense_nb.evaluation import EvaluationError, evaluate
-from deeplense_nb.training import Callback, TrainConfig, train_classifier
+from deeplense_nb.training import Callback
+from deeplense_nb.classify import TrainConfig, train_classifier
 import deeplense_nb.training as training
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
@@ -197,7 +198,7 @@ def test_6_every_cli_failure_is_one_line(run, data, tmp_path):
     # an unreadable checkpoint is reported as unreadable, and no message advises deleting anything
     (tmp_path / "dir.ckpt").mkdir()
     half = tmp_path / "half.ckpt"; half.write_bytes((run / "best.ckpt").read_bytes()[:500])
-    for ck, what in ((tmp_path / "dir.ckpt", "folder"), (half, "not a complete safetensors file")):
+    for ck, what in ((tmp_path / "dir.ckpt", "folder"), (half, "incomplete or corrupt")):
         rc, _, err = deeplense("evaluate", "--checkpoint", ck, "--data", data, "--out", tmp_path / "rep")
         one_line_error(rc, err, what); assert "delete" not in err
     if os.geteuid() != 0:  # root reads anything: permission cases only mean something for other users
@@ -246,8 +247,8 @@ def test_8_nested_layout_is_named_with_the_fix(data, tmp_path):
 
 # 9 ------------------------------------------------------------------------------------------------------------------
 def test_9_ddp_contract_is_documented():
-    "2 processes equal 1 to float tolerance without augmentation (tests/test_training.py checks it under torchrun); the
-    training notebook says why augmented runs differ."
+    """2 processes equal 1 to float tolerance without augmentation (tests/test_training.py checks it under torchrun); the
+    training notebook says why augmented runs differ."""
     nb = json.loads((Path(__file__).resolve().parent.parent / "nbs/06_training.ipynb").read_text())
     text = " ".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
     assert "per-rank random streams" in text and "float tolerance" in text

@@ -209,7 +209,7 @@ def toy_task1(tmp_path_factory):
 
 def test_train_classifier_resume_is_exact(toy_task1, tmp_path):
     "An interrupted train_classifier run (augmentation, MixUp, EMA, one-cycle) resumed with resume=True equals an uninterrupted one."
-    from deeplense_nb.training import train_classifier
+    from deeplense_nb.classify import train_classifier
     kw = dict(task="substructure", model="cnn_baseline", epochs=3, batch_size=8, lr=3e-3, device="cpu", progress=False,
               mixup=0.4, ema=0.9)
     full = train_classifier(toy_task1, out=tmp_path / "full", **kw)
@@ -229,7 +229,7 @@ def test_train_classifier_resume_is_exact(toy_task1, tmp_path):
 
 def test_train_classifier_lens_finding(tmp_path):
     from deeplense_nb.data import make_toy_dataset
-    from deeplense_nb.training import train_classifier
+    from deeplense_nb.classify import train_classifier
     root = make_toy_dataset(tmp_path / "task2", layout="task2", n_per_class=6, img_size=32)
     m = train_classifier(root, task="lens-finding", model="cnn_baseline", epochs=1, batch_size=8, out=tmp_path / "run",
                          device="cpu", progress=False, loss="focal", sched="cosine", grad_accum=2, clip=1.0)
