@@ -19,22 +19,24 @@ from .core import DeepLenseError
 __all__ = ['FPRS', 'EvaluationError', 'accuracy', 'roc_auc', 'tpr_at_fpr', 'select_threshold', 'bootstrap_auc', 'calibration',
            'predicted_labels', 'confusion_matrix', 'classification_metrics']
 
-# %% ../nbs/05a_metrics.ipynb #52fbc1a0
+# %% ../nbs/05a_metrics.ipynb #47b06dae
 class EvaluationError(DeepLenseError):
     "A bad input to a metric or to evaluation (data, checkpoint, classes or setting); the message says what to fix."
 
 FPRS = (1e-3, 1e-2, 1e-1)  # false-positive rates at which binary reports give the true-positive rate
 
+# %% ../nbs/05a_metrics.ipynb #647bf811
 def _choice(name: str, value, allowed: Sequence):
     if value not in allowed:
         raise EvaluationError(f"{name}={value!r} is not valid; expected one of {', '.join(map(repr, allowed))}.")
     return value
 
+# %% ../nbs/05a_metrics.ipynb #0e98cbcf
 def _finite(v) -> float | None:
     v = float(v)
     return v if math.isfinite(v) else None
 
-# %% ../nbs/05a_metrics.ipynb #9d9f1cb0
+# %% ../nbs/05a_metrics.ipynb #9ee9c3f0
 def _check_probs(probs, targets) -> tuple[np.ndarray, np.ndarray]:
     probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets)
     if probs.ndim != 2 or probs.shape[1] < 2:
@@ -47,6 +49,7 @@ def _check_probs(probs, targets) -> tuple[np.ndarray, np.ndarray]:
         raise EvaluationError(f"targets must be integer classes in [0, {probs.shape[1]}).")
     return probs, targets.astype(np.int64)
 
+# %% ../nbs/05a_metrics.ipynb #53617a63
 def _class_names(classes, K: int) -> list[str]:
     if classes is None: return [str(k) for k in range(K)]
     classes = [str(c) for c in classes]
@@ -54,7 +57,7 @@ def _class_names(classes, K: int) -> list[str]:
         raise EvaluationError(f"{len(classes)} class names {classes} for a {K}-class output; pass {K} names.")
     return classes
 
-# %% ../nbs/05a_metrics.ipynb #2e3211f5
+# %% ../nbs/05a_metrics.ipynb #72c3e115
 def accuracy(probs: np.ndarray, # (N, K) class probabilities (or logits)
              targets: np.ndarray, # (N,) integer labels
             ) -> float:
@@ -62,6 +65,7 @@ def accuracy(probs: np.ndarray, # (N, K) class probabilities (or logits)
     probs, targets = np.asarray(probs), np.asarray(targets)
     return float((probs.argmax(1) == targets).mean())
 
+# %% ../nbs/05a_metrics.ipynb #9b8ca56c
 def roc_auc(probs: np.ndarray, # (N, K) class probabilities; K = 2 uses `probs[:, 1]` as the score
             targets: np.ndarray, # (N,) integer labels
            ) -> float:
@@ -71,7 +75,7 @@ def roc_auc(probs: np.ndarray, # (N, K) class probabilities; K = 2 uses `probs[:
     if probs.shape[1] == 2: return float(skm.roc_auc_score(targets, probs[:, 1]))
     return float(skm.roc_auc_score(targets, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1]))))
 
-# %% ../nbs/05a_metrics.ipynb #4f2ca95b
+# %% ../nbs/05a_metrics.ipynb #a36931bd
 def tpr_at_fpr(targets: np.ndarray, # binary labels (1 = positive)
                scores: np.ndarray, # score of the positive class, higher = more positive
                fprs: Sequence[float] = FPRS, # target false-positive rates
@@ -85,7 +89,7 @@ def tpr_at_fpr(targets: np.ndarray, # binary labels (1 = positive)
         out[f"{f:g}"] = {"tpr": float(tpr[i]), "fpr": float(fpr[i]), "threshold": _finite(thr[i])}
     return out
 
-# %% ../nbs/05a_metrics.ipynb #0a3f95e7
+# %% ../nbs/05a_metrics.ipynb #0d433037
 _THRESHOLD_METHODS = ("youden", "fpr")
 
 def select_threshold(targets: np.ndarray, # binary labels (1 = positive)
@@ -101,7 +105,7 @@ def select_threshold(targets: np.ndarray, # binary labels (1 = positive)
     i = 1 + int(np.argmax(j))
     return {"threshold": float(thr[i]), "tpr": float(t[i]), "fpr": float(f[i]), "j": float(j[i - 1])}
 
-# %% ../nbs/05a_metrics.ipynb #403511e0
+# %% ../nbs/05a_metrics.ipynb #9f4f1c47
 def bootstrap_auc(probs: np.ndarray, # (N, K) probabilities (K = 2: binary, probs[:, 1] is the score)
                   targets: np.ndarray, # (N,) integer classes, every class present
                   *, n_boot: int = 1000, # bootstrap resamples
@@ -127,7 +131,7 @@ def bootstrap_auc(probs: np.ndarray, # (N, K) probabilities (K = 2: binary, prob
     head = {"ci": ci, "n_boot": int(n_boot), "seed": seed}
     return {**head, **cols[0]} if K == 2 else {**head, "macro": cols[0], "per_class": cols[1:]}
 
-# %% ../nbs/05a_metrics.ipynb #b1a23388
+# %% ../nbs/05a_metrics.ipynb #75c1d7f3
 def calibration(probs: np.ndarray, # (N, K) probabilities
                 targets: np.ndarray, # (N,) integer classes
                 *, n_bins: int = 15, # equal-width confidence bins on [0, 1]
@@ -145,12 +149,13 @@ def calibration(probs: np.ndarray, # (N, K) probabilities
             "mce": float(np.nanmax(gap)) if n.any() else None, "n_bins": n_bins, "bin_edges": edges.tolist(),
             "confidence": [_finite(v) for v in mconf], "accuracy": [_finite(v) for v in macc], "count": n.tolist()}
 
-# %% ../nbs/05a_metrics.ipynb #ee5b8390
+# %% ../nbs/05a_metrics.ipynb #5ab8857a
 def predicted_labels(probs: np.ndarray, *, threshold: float = 0.5) -> np.ndarray:
     "Argmax of `probs`; for two classes, class 1 iff probs[:, 1] >= `threshold`."
     probs = np.asarray(probs)
     return (probs[:, 1] >= threshold).astype(np.int64) if probs.shape[1] == 2 else probs.argmax(1)
 
+# %% ../nbs/05a_metrics.ipynb #7ae3c238
 def confusion_matrix(probs: np.ndarray, # (N, K) class probabilities
                      targets: np.ndarray, # (N,) integer classes
                      *, threshold: float = 0.5, # binary decision threshold on probs[:, 1]
@@ -160,7 +165,7 @@ def confusion_matrix(probs: np.ndarray, # (N, K) class probabilities
     K = probs.shape[1]
     return skm.confusion_matrix(targets, predicted_labels(probs, threshold=threshold), labels=list(range(K)))
 
-# %% ../nbs/05a_metrics.ipynb #ed08d2fc
+# %% ../nbs/05a_metrics.ipynb #15ebff70
 def _jsonable(o: Any) -> Any:
     "Plain JSON types; NaN and inf become None."
     if isinstance(o, dict): return {str(k): _jsonable(v) for k, v in o.items()}
@@ -172,11 +177,12 @@ def _jsonable(o: Any) -> Any:
     if isinstance(o, Path): return str(o)
     return o
 
+# %% ../nbs/05a_metrics.ipynb #b184cb9f
 def _quiet(f, *a, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore"); return f(*a, **kw)
 
-# %% ../nbs/05a_metrics.ipynb #ea230c45
+# %% ../nbs/05a_metrics.ipynb #a08d1c7f
 def _binary_metrics(s: np.ndarray, y: np.ndarray, counts: np.ndarray, classes: list[str], threshold, fprs, notes: list) -> dict:
     "AUC, AP, TPR at `fprs` and Youden's point of the score `s` of class 1, and the decision threshold; None where undefined."
     present = counts > 0
@@ -200,7 +206,7 @@ def _binary_metrics(s: np.ndarray, y: np.ndarray, counts: np.ndarray, classes: l
                 "fpr_reached": {k: o["fpr"] for k, o in ops.items()}, "youden": select_threshold(y, s),
                 "threshold": float(threshold)}
 
-# %% ../nbs/05a_metrics.ipynb #46ffedff
+# %% ../nbs/05a_metrics.ipynb #e77eab5e
 def _multiclass_metrics(probs: np.ndarray, targets: np.ndarray, counts: np.ndarray, classes: list[str], notes: list) -> dict:
     "One-vs-rest AUC per class, macro and micro; None (with a note) for a class absent from the targets."
     N, K = probs.shape
@@ -213,6 +219,7 @@ def _multiclass_metrics(probs: np.ndarray, targets: np.ndarray, counts: np.ndarr
     m["auc_micro"] = skm.roc_auc_score(label_binarize(targets, classes=list(range(K))), probs, average="micro")
     return m
 
+# %% ../nbs/05a_metrics.ipynb #f38a7c36
 def _decision_metrics(probs: np.ndarray, targets: np.ndarray, classes: list[str], threshold: float) -> dict:
     "Accuracy, balanced accuracy, sklearn's classification report and the confusion matrix at the decision rule."
     pred, K = predicted_labels(probs, threshold=threshold), probs.shape[1]
@@ -222,7 +229,7 @@ def _decision_metrics(probs: np.ndarray, targets: np.ndarray, classes: list[str]
                                                  output_dict=True, zero_division=0),
             "confusion_matrix": confusion_matrix(probs, targets, threshold=threshold)}
 
-# %% ../nbs/05a_metrics.ipynb #440d9938
+# %% ../nbs/05a_metrics.ipynb #25fb671a
 def classification_metrics(probs: np.ndarray, # (N, K) class probabilities
                            targets: np.ndarray, # (N,) integer classes
                            *, classes: Sequence[str] | None = None, # K class names (default "0", "1", ...)

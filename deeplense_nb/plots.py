@@ -20,18 +20,19 @@ from .metrics import EvaluationError, FPRS, _check_probs, _class_names, calibrat
 __all__ = ['plot_roc', 'plot_pr', 'plot_confusion_matrix', 'plot_score_hist', 'plot_reliability', 'plot_mistakes', 'load_history',
            'plot_history', 'plot_auc_vs_time']
 
-# %% ../nbs/05b_plots.ipynb #a5edc2a5
+# %% ../nbs/05b_plots.ipynb #bd37bd16
 def _fig_ax(ax, **kw):
     "The figure and Axes to draw into: `ax`'s own, or a new figure (`kw` go to `plt.subplots`)."
     if ax is not None: return ax.figure, ax
     fig, ax = plt.subplots(layout="constrained", **kw)
     return fig, ax
 
+# %% ../nbs/05b_plots.ipynb #d1613025
 def _empty(ax, msg: str):
     "Write `msg` in the middle of an empty Axes."
     ax.text(0.5, 0.5, msg, ha="center", va="center", transform=ax.transAxes, wrap=True); ax.set_xticks([]); ax.set_yticks([])
 
-# %% ../nbs/05b_plots.ipynb #2dd02a86
+# %% ../nbs/05b_plots.ipynb #1ff806cd
 def _roc_binary(ax, probs, targets, classes, fprs, log_fpr: bool, lo: float):
     y = targets == 1
     if y.all() or not y.any(): _empty(ax, "ROC undefined: only one class in the targets"); return False
@@ -41,6 +42,7 @@ def _roc_binary(ax, probs, targets, classes, fprs, log_fpr: bool, lo: float):
         ax.plot(max(o["fpr"], lo) if log_fpr else o["fpr"], o["tpr"], "o", ms=6, label=f"TPR = {o['tpr']:.3f} at FPR <= {f}")
     return True
 
+# %% ../nbs/05b_plots.ipynb #82a6f37a
 def _roc_multiclass(ax, probs, targets, classes):
     grid, curves, aucs = np.linspace(0, 1, 1001), [], []
     for k in range(probs.shape[1]):
@@ -52,7 +54,7 @@ def _roc_multiclass(ax, probs, targets, classes):
         curves.append(np.interp(grid, fpr, tpr))
     if curves: ax.plot(grid, np.mean(curves, 0), "k", lw=2.2, label=f"macro average (AUC = {np.mean(aucs):.3f})")
 
-# %% ../nbs/05b_plots.ipynb #5b8eb09a
+# %% ../nbs/05b_plots.ipynb #c3d3ba67
 def plot_roc(probs: np.ndarray, targets: np.ndarray, *, classes: Sequence[str] | None = None,
              ax=None, # matplotlib Axes to draw into (default: a new figure)
              log_fpr: bool = False, # logarithmic FPR axis (useful for rare positives)
@@ -73,7 +75,7 @@ def plot_roc(probs: np.ndarray, targets: np.ndarray, *, classes: Sequence[str] |
     ax.legend(loc="lower right", fontsize=8)
     return fig
 
-# %% ../nbs/05b_plots.ipynb #8694a46e
+# %% ../nbs/05b_plots.ipynb #0f0d84f8
 def plot_pr(probs: np.ndarray, targets: np.ndarray, *, classes: Sequence[str] | None = None, ax=None):
     "Precision-recall curve(s) with average precision and the chance baseline at the prevalence (per class if K > 2)."
     probs, targets = _check_probs(probs, targets)
@@ -92,7 +94,7 @@ def plot_pr(probs: np.ndarray, targets: np.ndarray, *, classes: Sequence[str] | 
     ax.legend(loc="lower left", fontsize=8)
     return fig
 
-# %% ../nbs/05b_plots.ipynb #c3ba8831
+# %% ../nbs/05b_plots.ipynb #e33cf068
 def plot_confusion_matrix(cm: np.ndarray, # (K, K) counts, rows true, columns predicted
                           *, classes: Sequence[str] | None = None, # K class names
                           axes=None, # two Axes (default: a new figure)
@@ -111,7 +113,7 @@ def plot_confusion_matrix(cm: np.ndarray, # (K, K) counts, rows true, columns pr
         ax.set(xlabel="predicted", ylabel="true", title=title)
     return fig
 
-# %% ../nbs/05b_plots.ipynb #c04b7409
+# %% ../nbs/05b_plots.ipynb #794e0973
 def plot_score_hist(probs: np.ndarray, targets: np.ndarray, *, classes: Sequence[str] | None = None,
                     bins: int = 30, # equal-width bins on [0, 1]
                     log: bool = False, # logarithmic density axis
@@ -134,7 +136,7 @@ def plot_score_hist(probs: np.ndarray, targets: np.ndarray, *, classes: Sequence
     fig.suptitle("Score distributions by true class")
     return fig
 
-# %% ../nbs/05b_plots.ipynb #51f05517
+# %% ../nbs/05b_plots.ipynb #c3f8adf0
 def plot_reliability(probs: np.ndarray, targets: np.ndarray, *, n_bins: int = 15):
     "Reliability diagram (accuracy against confidence per bin, with the gap to the diagonal) over the bin counts."
     cal = calibration(probs, targets, n_bins=n_bins)
@@ -153,7 +155,7 @@ def plot_reliability(probs: np.ndarray, targets: np.ndarray, *, n_bins: int = 15
     ax2.set(xlabel="confidence (top-label probability)", ylabel="count", xlim=(0, 1))
     return fig
 
-# %% ../nbs/05b_plots.ipynb #26151f5a
+# %% ../nbs/05b_plots.ipynb #f72225b4
 def _display_image(img: np.ndarray) -> np.ndarray:
     "An image (C, H, W) or (H, W) as (H, W) or (H, W, 3), min-max scaled to [0, 1] for imshow."
     img = np.asarray(img, dtype=np.float32)
@@ -161,7 +163,7 @@ def _display_image(img: np.ndarray) -> np.ndarray:
     lo, hi = np.nanmin(img), np.nanmax(img)
     return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
 
-# %% ../nbs/05b_plots.ipynb #639d8b8e
+# %% ../nbs/05b_plots.ipynb #a66bc3e6
 def plot_mistakes(images: np.ndarray, # (n, C, H, W) images of the mistakes, worst first
                   targets: np.ndarray, # (n,) true classes
                   probs: np.ndarray, # (n, K) probabilities
@@ -191,12 +193,13 @@ def plot_mistakes(images: np.ndarray, # (n, C, H, W) images of the mistakes, wor
     fig.suptitle("Most confident mistakes (lowest p(true) first)", fontsize=10)
     return fig
 
-# %% ../nbs/05b_plots.ipynb #c7e01ba0
+# %% ../nbs/05b_plots.ipynb #fc53085b
 def _num(v):
     if v is None or v == "": return float("nan")
     try: return float(v)
     except (TypeError, ValueError): return v
 
+# %% ../nbs/05b_plots.ipynb #f40893aa
 def _read_history_file(p: Path) -> list:
     "The records of a history .csv (rows) or .json (records, {'history': records} or columns)."
     if not p.exists(): raise EvaluationError(f"history file {str(p)!r} does not exist.")
@@ -209,7 +212,7 @@ def _read_history_file(p: Path) -> list:
         n = max(len(v) for v in rows.values()); rows = [{k: v[i] for k, v in rows.items() if i < len(v)} for i in range(n)]
     return rows
 
-# %% ../nbs/05b_plots.ipynb #e2176bc6
+# %% ../nbs/05b_plots.ipynb #78d1f064
 def load_history(src, # run folder, history .csv/.json, DataFrame, or list of dicts
                 ) -> list[dict]:
     "Per-epoch training history as a list of dicts with numeric values."
@@ -228,13 +231,14 @@ def load_history(src, # run folder, history .csv/.json, DataFrame, or list of di
         raise EvaluationError("the training history is empty or not a list of per-epoch records.")
     return [{k: _num(v) for k, v in r.items()} for r in rows]
 
-# %% ../nbs/05b_plots.ipynb #674a96f9
+# %% ../nbs/05b_plots.ipynb #f0246d6d
 def _history_keys(rows):
     keys = list(dict.fromkeys(k for r in rows for k in r))
     loss = [k for k in keys if "loss" in k]
     mets = [k for k in keys if k not in loss and k != "epoch" and any(t in k for t in ("auc", "acc"))]
     return loss, mets
 
+# %% ../nbs/05b_plots.ipynb #d00a52ed
 def plot_history(history, # anything `load_history` reads
                 ):
     "Loss (train and valid) and AUC/accuracy per epoch, side by side."
@@ -252,7 +256,7 @@ def plot_history(history, # anything `load_history` reads
     axes[0].set_title("Loss"); axes[1].set_title("Validation metrics")
     return fig
 
-# %% ../nbs/05b_plots.ipynb #43dd0e2f
+# %% ../nbs/05b_plots.ipynb #de2f2a84
 def plot_auc_vs_time(table, # a `compare_runs` DataFrame
                      *, ax=None, # matplotlib Axes (default: a new figure)
                      log_time: bool | None = None, # logarithmic time axis; None: when times span more than 20x
