@@ -4,7 +4,9 @@ Modules:
 
 - `deeplense_nb.data`: Read the DeepLense dataset layouts, pack them into one memory-mapped store, split, balance, augment, and load batches on CPU or GPU.
 - `deeplense_nb.diffusion`: Denoising diffusion models for DeepLense Task IV: a UNet, Gaussian diffusion with DDPM/DDIM sampling and classifier-free guidance, and an evaluation suite (FID with a lensing feature extractor, pixel statistics, power spectra, memorisation).
-- `deeplense_nb.evaluation`: Predictions (soft ensembles, D4 test-time augmentation), scikit-learn metrics with bootstrap confidence intervals, calibration, plots and a saved report.
-- `deeplense_nb.pinn`: Physics-informed classifiers for Task V: a differentiable lens-equation layer, a Lensiformer-style two-stream model and a two-head model with a lens-equation physics loss, trained as objectives, and a fair comparison against the same backbone without physics."""
+- `deeplense_nb.evaluation`: Predictions (soft ensembles, D4 test-time augmentation), the evaluation report (metrics, plots, report.md), `evaluate` on checkpoints and data, run comparison and the `deeplense evaluate` command.
+- `deeplense_nb.metrics`: Classification metrics from class probabilities: ROC-AUC, accuracy, TPR at a fixed FPR, decision thresholds, stratified-bootstrap AUC intervals, calibration and the confusion matrix, all in one strict-JSON dict.
+- `deeplense_nb.pinn`: Physics-informed classifiers for Task V: a differentiable lens-equation layer, a Lensiformer-style two-stream model and a two-head model with a lens-equation physics loss, trained as objectives, and a fair comparison against the same backbone without physics.
+- `deeplense_nb.plots`: Figures of a classifier's predictions: ROC and precision-recall curves, confusion matrices, score histograms, reliability diagrams, a gallery of mistakes, the training history and AUC against training time."""
 
 __version__ = "0.1.0"

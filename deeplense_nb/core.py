@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['DeepLenseError', 'ConfigError', 'get_device', 'seed_everything', 'Config', 'pid_alive', 'fsync_dir', 'atomic_write',
-           'atomic_write_text', 'add_config_arguments', 'read_config_file', 'config_from_args', 'env_info']
+__all__ = ['AMP_CHOICES', 'DeepLenseError', 'ConfigError', 'get_device', 'cpu_bf16_supported', 'amp_dtype', 'seed_everything',
+           'Config', 'pid_alive', 'fsync_dir', 'atomic_write', 'atomic_write_text', 'add_config_arguments',
+           'read_config_file', 'config_from_args', 'env_info']
 
 # %% ../nbs/00_core.ipynb #455d652c
 class DeepLenseError(Exception):
@@ -56,6 +57,28 @@ def get_device(device: str | torch.device | None = "auto", # "auto", "cpu", "cud
         if not _mps_ok(): raise DeepLenseError(f"Device {device!r} requested but Apple MPS is not available on this machine.")
         return torch.device("mps")
     return torch.device("cpu")
+
+# %% ../nbs/00_core.ipynb #49056851
+AMP_CHOICES = ("auto", "on", "off", "bf16", "fp16")  # the settings of mixed precision (plus None, True and False)
+
+def cpu_bf16_supported() -> bool:
+    "True when this CPU has native bf16 units (AVX512-BF16 or AMX), where bf16 autocast is fast."
+    try: return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError: return False
+
+def amp_dtype(device: str | torch.device, # the device the model runs on
+              requested: bool | str | None = "auto", # None/"auto", True/"on", False/"off", "bf16" or "fp16"
+             ) -> torch.dtype | None:
+    "The autocast dtype for `device` under the package's one mixed-precision policy, or None for full precision."
+    req = {None: "auto", True: "on", False: "off"}.get(requested, requested) if type(requested) in (type(None), bool) else requested
+    if req not in AMP_CHOICES:
+        raise DeepLenseError(f"mixed precision {requested!r}: expected one of None, True, False, {', '.join(map(repr, AMP_CHOICES))}.")
+    if req in ("bf16", "fp16"): return torch.bfloat16 if req == "bf16" else torch.float16
+    kind = torch.device(device).type
+    if req == "off" or (req == "auto" and kind != "cuda"): return None
+    if kind == "cuda": return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if kind == "mps": return torch.float16
+    return torch.bfloat16 if cpu_bf16_supported() else None
 
 # %% ../nbs/00_core.ipynb #ccd6bcb2
 def seed_everything(seed: int = 42, # seed for python, numpy and torch (CPU and every CUDA device)
