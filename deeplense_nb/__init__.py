@@ -2,7 +2,7 @@
 
 Modules:
 
-- `deeplense_nb.data.files`: Read one DeepLense `.npy` image with every check, record what was skipped, write toy datasets in the real layouts, and plot images..
+- `deeplense_nb.data.files`: Read one DeepLense `.npy` image with every check, record what was skipped, write toy datasets in the real layouts, and plot images.
 - `deeplense_nb.data.folders`: Recognise the DeepLense folder layouts and read a dataset folder as a checked, indexable torch dataset.
 - `deeplense_nb.data.loaders`: Split, subset and balance a dataset and load its batches on CPU or GPU: `get_dataloaders` is the one call training makes.
 - `deeplense_nb.data.store`: Pack a dataset folder into one memory-mapped store, read it back (memmap, RAM or GPU), and open folders and stores alike.
