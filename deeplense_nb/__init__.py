@@ -2,7 +2,11 @@
 
 Modules:
 
-- `deeplense_nb.data`: Read the DeepLense dataset layouts, pack them into one memory-mapped store, split, balance, augment, and load batches on CPU or GPU.
+- `deeplense_nb.data.files`: Read one DeepLense `.npy` image with every check, record what was skipped, write toy datasets in the real layouts, and plot images.
+- `deeplense_nb.data.folders`: Recognise the DeepLense folder layouts and read a dataset folder as a checked, indexable torch dataset.
+- `deeplense_nb.data.loaders`: Split, subset and balance a dataset and load its batches on CPU or GPU: `get_dataloaders` is the one call training makes.
+- `deeplense_nb.data.store`: Pack a dataset folder into one memory-mapped store, read it back (memmap, RAM or GPU), and open folders and stores alike.
+- `deeplense_nb.data.transforms`: Scale and normalise images, and augment batches on their own device: the D4 symmetries, mild resampling transforms, MixUp and CutMix.
 - `deeplense_nb.diffusion`: Denoising diffusion models for DeepLense Task IV: a UNet, Gaussian diffusion with DDPM/DDIM sampling and classifier-free guidance, and an evaluation suite (FID with a lensing feature extractor, pixel statistics, power spectra, memorisation).
 - `deeplense_nb.evaluation`: Predictions (soft ensembles, D4 test-time augmentation), the evaluation report (metrics, plots, report.md), `evaluate` on checkpoints and data, run comparison and the `deeplense evaluate` command.
 - `deeplense_nb.metrics`: Classification metrics from class probabilities: ROC-AUC, accuracy, TPR at a fixed FPR, decision thresholds, stratified-bootstrap AUC intervals, calibration and the confusion matrix, all in one strict-JSON dict.

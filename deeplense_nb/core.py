@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['AMP_CHOICES', 'DeepLenseError', 'ConfigError', 'get_device', 'cpu_bf16_supported', 'amp_dtype', 'seed_everything',
-           'Config', 'pid_alive', 'fsync_dir', 'atomic_write', 'atomic_write_text', 'add_config_arguments',
-           'read_config_file', 'config_from_args', 'env_info']
+__all__ = ['AMP_CHOICES', 'DeepLenseError', 'ConfigError', 'check_choice', 'get_device', 'cpu_bf16_supported', 'amp_dtype',
+           'seed_everything', 'Config', 'pid_alive', 'fsync_dir', 'atomic_write', 'atomic_write_text',
+           'add_config_arguments', 'read_config_file', 'config_from_args', 'env_info']
 
 # %% ../nbs/00_core.ipynb #455d652c
 class DeepLenseError(Exception):
@@ -25,6 +25,17 @@ class DeepLenseError(Exception):
 
 class ConfigError(DeepLenseError, ValueError):
     "A config (dict, JSON or TOML file) with unknown fields or values of the wrong type."
+
+# %% ../nbs/00_core.ipynb #b04a32ee
+def check_choice(name: str, # the setting's name, for the message
+                 value, # the value given
+                 allowed, # the values accepted (a tuple or list)
+                 *, error: type = DeepLenseError, # the exception class raised (a `DeepLenseError` subclass)
+                ):
+    "Return `value` if it is one of `allowed`, else raise `error` naming the setting and listing the allowed values."
+    if value not in allowed:
+        raise error(f"Unknown {name}={value!r}; expected one of {', '.join(map(repr, allowed))}.")
+    return value
 
 # %% ../nbs/00_core.ipynb #22227f2f
 _DEVICES = ("auto", "cpu", "cuda", "mps")

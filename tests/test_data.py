@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import deeplense_nb.data as D
+import deeplense_nb.data.files as DF, deeplense_nb.data.folders as DFo, deeplense_nb.data.store as DS
 from deeplense_nb.core import DeepLenseError
 from deeplense_nb.data import (BadFileError, CutMix, DataError, FolderDataset, LayoutError, MixUp, PackedDataset,
                                StoreError, d4_transforms, get_dataloaders, make_toy_dataset, open_dataset, pack,
@@ -171,8 +172,9 @@ def test_missing_root_and_file_root(tmp_path):
 def test_pack_reads_each_file_once(tmp_path, monkeypatch):
     root = make_good(tmp_path / "ds")
     calls = []
-    orig = D._decode
-    monkeypatch.setattr(D, "_decode", lambda p, *a, **k: calls.append(str(p)) or orig(p, *a, **k))
+    orig = DF._decode
+    for m in (DF, DFo, DS):  # every module of the subpackage that reads through _decode
+        monkeypatch.setattr(m, "_decode", lambda p, *a, **k: calls.append(str(p)) or orig(p, *a, **k))
     FolderDataset(root)
     assert sorted(calls) == sorted(str(p) for p in root.rglob("*.npy"))  # opening checks every file's pixels, once each
     calls.clear()
@@ -281,12 +283,12 @@ def test_interrupted_pack_leaves_nothing_valid(tmp_path, monkeypatch):
     old = pack(root, tmp_path / "store", progress=False)
     np.save(root / "a" / "1.npy", np.random.rand(1, S, S))
     calls = [0]
-    orig = D._read_one
+    orig = DS._read_one
     def boom(p, allow_pickle):
         calls[0] += 1
         if calls[0] == 6: raise RuntimeError("disk on fire")
         return orig(p, allow_pickle)
-    monkeypatch.setattr(D, "_read_one", boom)
+    monkeypatch.setattr(DS, "_read_one", boom)
     for out in (tmp_path / "fresh", tmp_path / "store"):
         calls[0] = 0
         with pytest.raises(RuntimeError, match="disk on fire"): pack(root, out, progress=False, workers=1)
@@ -299,7 +301,7 @@ def test_killed_pack_leaves_nothing_valid(tmp_path):
     root = make_good(tmp_path / "ds", n=20)
     out = tmp_path / "store"
     script = textwrap.dedent(f"""
-        import time, deeplense_nb.data as D
+        import time, deeplense_nb.data.store as D
         orig = D._read_one
         def slow(p, allow_pickle):
             time.sleep(0.05); return orig(p, allow_pickle)
