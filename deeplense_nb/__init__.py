@@ -3,7 +3,12 @@
 Modules:
 
 - `deeplense_nb.data`: Read the DeepLense dataset layouts, pack them into one memory-mapped store, split, balance, augment, and load batches on CPU or GPU.
-- `deeplense_nb.diffusion`: Denoising diffusion models for DeepLense Task IV: a UNet, Gaussian diffusion with DDPM/DDIM sampling and classifier-free guidance, and an evaluation suite (FID with a lensing feature extractor, pixel statistics, power spectra, memorisation).
+- `deeplense_nb.diffusion.evaluate`: Physics-minded checks of generated lensing images: pixel statistics, radially averaged power spectra, a nearest-neighbour memorisation check, and `evaluate_samples`, which runs them all with FID.
+- `deeplense_nb.diffusion.frechet`: Fréchet inception distance (FID) for generated lensing images, with Inception-v3 features or a lensing feature extractor trained here.
+- `deeplense_nb.diffusion.gaussian`: Gaussian diffusion around the UNet: noise schedules, the training objective (eps, x0 or v, optional SSIM term, label dropout), ancestral DDPM and DDIM sampling with classifier-free guidance.
+- `deeplense_nb.diffusion.samples`: Generated images on disk: writing and reading the Task IV `Samples/sample{i}.npy` layout, so generated sets are read like the real one, and PNG contact sheets for looking at many samples at once.
+- `deeplense_nb.diffusion.train`: The training recipe of the diffusion models: data loaders for images in [0, 1] and `train_diffusion`, which runs the package's `Learner` with AdamW, warm-up + cosine learning rate, gradient clipping, autocast and an EMA of the weights.
+- `deeplense_nb.diffusion.unet`: The denoising UNet of the diffusion models: sinusoidal time embedding, GroupNorm residual blocks with scale-shift conditioning, self-attention at low resolution, optional class conditioning with a null class.
 - `deeplense_nb.evaluation`: Predictions (soft ensembles, D4 test-time augmentation), scikit-learn metrics with bootstrap confidence intervals, calibration, plots and a saved report.
 - `deeplense_nb.pinn`: Physics-informed classifiers for Task V: a differentiable lens-equation layer, a Lensiformer-style two-stream model and a two-head model with a lens-equation physics loss, trained as objectives, and a fair comparison against the same backbone without physics."""
 
