@@ -13,43 +13,34 @@ import numpy as np
 import torch
 import torch.nn as nn
 from fastcore.basics import patch
-from .core import DeepLenseError
+from .core import DeepLenseError, cpu_bf16_supported, amp_dtype as core_amp_dtype
 from .data import CutMix, MixUp
 from .training import (Callback, Learner, CancelBatchException, CancelFitException, CancelStepException,
                                    get_rng_state, set_rng_state, rng_states, set_rng_states, _improved, _mode, _monitored)
 
 # %% auto #0
-__all__ = ['cpu_bf16_supported', 'amp_dtype', 'MixedPrecision', 'ChannelsLast', 'TorchCompile', 'GradientAccumulation',
-           'GradientClip', 'Scheduler', 'warmup_cosine', 'OneCycle', 'CosineWarmup', 'StepSchedule', 'PlateauSchedule',
-           'get_scheduler', 'EarlyStopping', 'EMA', 'MixUpCallback', 'LRFinder', 'LRFindResult']
+__all__ = ['amp_dtype', 'MixedPrecision', 'ChannelsLast', 'TorchCompile', 'GradientAccumulation', 'GradientClip', 'Scheduler',
+           'warmup_cosine', 'OneCycle', 'CosineWarmup', 'StepSchedule', 'PlateauSchedule', 'get_scheduler',
+           'EarlyStopping', 'EMA', 'MixUpCallback', 'LRFinder', 'LRFindResult']
 
 # %% ../nbs/06a_callbacks.ipynb #32cd195d
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-def cpu_bf16_supported() -> bool:
-    "True when this CPU has native bf16 units (AVX512-BF16 or AMX), where bf16 autocast is fast."
-    try: return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError: return False
-
 def amp_dtype(device: torch.device | str, # the training device
               dtype: str = "auto", # "auto", "bf16" or "fp16"
              ) -> torch.dtype:
-    "The autocast dtype for `device`: explicit, or `auto` (CUDA: bf16 if supported else fp16; CPU: bf16 if native)."
-    if dtype not in ("auto", *_AMP_DTYPES): raise DeepLenseError(f"amp dtype {dtype!r}: expected 'auto', 'bf16' or 'fp16'.")
-    if dtype != "auto": return _AMP_DTYPES[dtype]
-    device = torch.device(device)
-    if device.type == "cuda": return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps": return torch.float16
-    if cpu_bf16_supported(): return torch.bfloat16
-    raise DeepLenseError("mixed precision 'auto' on this CPU: it has no native bf16 units (AVX512-BF16/AMX), so autocast "
-                         "would be slower than fp32. Train without MixedPrecision, or pass 'bf16' to emulate it anyway.")
+    "The autocast dtype `MixedPrecision` uses: the package's one policy (`core.amp_dtype`) with mixed precision asked for."
+    if dtype not in ("auto", "bf16", "fp16"): raise DeepLenseError(f"amp dtype {dtype!r}: expected 'auto', 'bf16' or 'fp16'.")
+    dt = core_amp_dtype(device, "on" if dtype == "auto" else dtype)
+    if dt is None:
+        raise DeepLenseError("mixed precision 'auto' on this CPU: it has no native bf16 units (AVX512-BF16/AMX), so autocast "
+                             "would be slower than fp32. Train without MixedPrecision, or pass 'bf16' to emulate it anyway.")
+    return dt
 
 class MixedPrecision(Callback):
     "Autocast forward+loss to bf16/fp16; with fp16 scale the loss with a GradScaler and skip steps with inf/NaN gradients."
     order = 20
     def __init__(self, dtype: str = "auto", # "auto", "bf16" or "fp16"
                  *, init_scale: float = 2.0 ** 16): # fp16 GradScaler's initial scale
-        if dtype not in ("auto", *_AMP_DTYPES): raise DeepLenseError(f"MixedPrecision dtype {dtype!r}: expected 'auto', 'bf16' or 'fp16'.")
+        if dtype not in ("auto", "bf16", "fp16"): raise DeepLenseError(f"MixedPrecision dtype {dtype!r}: expected 'auto', 'bf16' or 'fp16'.")
         self.req, self.init_scale, self._dtype, self.scaler, self._ctx, self.skipped = dtype, init_scale, None, None, None, 0
 
     @property

@@ -60,6 +60,11 @@ def _info(p: argparse.ArgumentParser):
     return run
 
 # %% ../nbs/10_cli.ipynb #9e091e73
+def _close_progress_bars():
+    "Finish any open tqdm bar, so that an error message starts on its own line."
+    tq = getattr(sys.modules.get("tqdm"), "tqdm", None)  # only when some command imported tqdm
+    for b in list(getattr(tq, "_instances", None) or []): b.close()
+
 def user_message(e: BaseException) -> str:
     "The one-line message `deeplense` prints for exception `e`."
     from deeplense_nb.core import DeepLenseError
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         if debug: raise
+        _close_progress_bars()
         print(f"deeplense {a.command}: error: {user_message(e)}", file=sys.stderr)
         return 2
 

@@ -431,6 +431,9 @@ def load_models(src, # nn.Module, checkpoint path, run folder, or a list of thes
             raise EvaluationError(f"expected a model, a checkpoint path or a run folder, got {type(s).__name__}.")
         ck = _resolve_checkpoint(Path(s))
         m, meta = load_model(ck, device="cpu")
+        if not getattr(m, "num_classes", None):
+            raise EvaluationError(f"checkpoint {str(ck)!r} holds a {type(m).__name__}, not a classifier: `evaluate` scores "
+                                  "classifiers (diffusion samples are scored by `deeplense_nb.diffusion.evaluate_samples`).")
         models.append(m); names.append(str(ck)); metas.append(dict(meta or {}))
     return models, names, metas
 
@@ -576,6 +579,7 @@ def _cli_evaluate(p: argparse.ArgumentParser):
         if thr != "youden":
             try: thr = float(thr)
             except ValueError: raise EvaluationError(f"--threshold {a.threshold!r}: expected a number or 'youden'.")
+            if not 0 < thr < 1: raise EvaluationError(f"--threshold {thr}: expected a probability between 0 and 1, or 'youden'.")
         src = a.checkpoint[0] if len(a.checkpoint) == 1 else a.checkpoint
         rep = evaluate(src, a.data, split=a.split, tta=a.tta, batch_size=a.batch_size, device=a.device, amp=a.amp,
                        history=a.history, threshold=thr, n_boot=a.n_boot, progress=True, on_error=a.on_error)

@@ -23,7 +23,7 @@ from .checkpoint import (CKPT_FORMAT, CheckpointError, _jsonable, build_model, c
 
 # %% auto #0
 __all__ = ['EVENTS', 'CancelFitException', 'CancelEpochException', 'CancelTrainException', 'CancelValidException',
-           'CancelBatchException', 'CancelBackwardException', 'CancelStepException', 'Callback', 'accuracy', 'roc_auc',
+           'CancelBatchException', 'CancelBackwardException', 'CancelStepException', 'Callback',
            'synthetic_classification', 'TinyCNN', 'tiny_cnn', 'unwrap_model', 'find_bs', 'Learner', 'Recorder',
            'ProgressCallback', 'HistoryLogger', 'DivergenceError', 'StopOnNonFinite', 'find_rngs', 'rng_states',
            'set_rng_states', 'get_rng_state', 'set_rng_state', 'SaveCheckpoint', 'DistributedCallback']
@@ -72,22 +72,7 @@ class Callback:
     def __repr__(self) -> str: return f"{type(self).__name__}()"
 
 # %% ../nbs/06_training.ipynb #e35ca43c
-def accuracy(probs: np.ndarray, # (N, K) class probabilities (or logits)
-             targets: np.ndarray, # (N,) integer labels
-            ) -> float:
-    "Fraction of samples whose arg-max class is the label."
-    probs, targets = np.asarray(probs), np.asarray(targets)
-    return float((probs.argmax(1) == targets).mean())
-
-def roc_auc(probs: np.ndarray, # (N, K) class probabilities; K = 2 uses `probs[:, 1]` as the score
-            targets: np.ndarray, # (N,) integer labels
-           ) -> float:
-    "ROC-AUC: binary on `probs[:, 1]`, multiclass macro one-vs-rest; NaN when the labels hold a single class."
-    from sklearn.metrics import roc_auc_score
-    probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets)
-    if len(np.unique(targets)) < 2: return float("nan")
-    if probs.shape[1] == 2: return float(roc_auc_score(targets, probs[:, 1]))
-    return float(roc_auc_score(targets, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1]))))
+from .metrics import accuracy, roc_auc  # the package's one implementation (see `deeplense_nb.metrics`)
 
 # %% ../nbs/06_training.ipynb #7d460b12
 def synthetic_classification(n: int = 256, # number of images

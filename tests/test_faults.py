@@ -30,10 +30,10 @@ def deeplense(*args, cwd=None):
 
 def one_line_error(rc, err, *must):
     "Exit 2, no traceback, one `deeplense X: error:` line that names what it must."
-    lines = [l for l in err.splitlines() if l.strip() and "Warning" not in l]
+    errs = [l for l in err.splitlines() if ": error: " in l]
     assert rc == 2 and "Traceback" not in err, err
-    assert lines and ": error: " in lines[0], err
-    for m in must: assert m in lines[0], (m, err)
+    assert len(errs) == 1 and errs[0].lstrip().startswith("deeplense "), err  # on its own line, after any progress bar
+    for m in must: assert m in errs[0], (m, err)
 
 
 @pytest.fixture(scope="module")
