@@ -2,14 +2,15 @@
 a finished run is never silently overwritten, best.ckpt matches metrics.json after a kill between the two checkpoint
 writes, divergence stops with a message, bad data is found before training, every CLI failure is one line, no
 hidden evaluation subset, the nested-layout mistake is named, and what DDP guarantees."""
-import json, os, shutil, subprocess, sys
+import contextlib, io, json, os, shutil, subprocess, sys, traceback
 from pathlib import Path
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from deeplense_nb.core import DeepLenseError, Config
+from deeplense_nb.core import DeepLenseError
+from deeplense_nb.cli import main
 from deeplense_nb.checkpoint import CheckpointError, build_model, checkpoint_meta, load_model
 from deeplense_nb.data import BadFileError, LayoutError, make_toy_dataset
 from deeplense_nb.evaluation import EvaluationError, evaluate
@@ -21,10 +22,18 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MPLBACKEN
 FAST = dict(model="cnn_baseline", batch_size=8, device="cpu", progress=False, sched="none")
 
 
-def deeplense(*args, cwd=None):
-    "Run the CLI; returns (exit code, stdout, stderr)."
-    r = subprocess.run([sys.executable, "-m", "deeplense_nb.cli", *map(str, args)], capture_output=True, text=True,
-                       env=ENV, timeout=300, cwd=cwd)
+def deeplense(*args):
+    "Run `deeplense ARGS` in this process (the console script's `main`); returns (exit code, stdout, stderr)."
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try: rc = main([str(a) for a in args])
+        except BaseException: traceback.print_exc(); rc = 1  # what a user would see: a traceback
+    return rc, out.getvalue(), err.getvalue()
+
+
+def deeplense_process(*args):
+    "The same in a fresh process, as a shell runs it."
+    r = subprocess.run([sys.executable, "-m", "deeplense_nb.cli", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=300)
     return r.returncode, r.stdout, r.stderr
 
 
@@ -155,7 +164,7 @@ def test_4_divergence_stops_with_a_message_and_keeps_the_good_epoch(data, tmp_pa
     with pytest.raises(training.DivergenceError, match=r"epoch 1, batch \d+.*--lr.*--clip"):
         train_classifier(data, out=out, epochs=3, opt="sgd", lr=1e-3, cbs=[Explode()], **FAST)
     assert checkpoint_meta(out / "last.ckpt")["epoch"] == 0 and len(json.loads((out / "history.json").read_text())) == 1
-    rc, _, err = deeplense("train", "--data", data, "--out", tmp_path / "cli", "--model", "cnn_baseline", "--lr", "1e6",
+    rc, _, err = deeplense_process("train", "--data", data, "--out", tmp_path / "cli", "--model", "cnn_baseline", "--lr", "1e6",
                            "--opt", "sgd", "--epochs", 2, "--batch-size", 8, "--device", "cpu", "--sched", "none")
     one_line_error(rc, err, "diverged", "--lr", "--clip")
 
