@@ -14,12 +14,15 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['DeepLenseError', 'get_device', 'seed_everything', 'Config', 'fsync_dir', 'atomic_write', 'atomic_write_text',
-           'env_info']
+__all__ = ['CLASSES_T1', 'DeepLenseError', 'get_device', 'seed_everything', 'Config', 'fsync_dir', 'atomic_write',
+           'atomic_write_text', 'env_info']
 
 # %% ../nbs/00_core.ipynb #455d652c
 class DeepLenseError(Exception):
     "An error caused by user input (paths, files, names, settings); the message says what to fix."
+
+# %% ../nbs/00_core.ipynb #3f24df19
+CLASSES_T1 = ("no", "sphere", "vort")  # Task I labels 0, 1, 2
 
 # %% ../nbs/00_core.ipynb #22227f2f
 _DEVICES = ("auto", "cpu", "cuda", "mps")

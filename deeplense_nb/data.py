@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, WeightedRandomSampler
 from tqdm import tqdm
-from .core import DeepLenseError, get_device, fsync_dir
+from .core import CLASSES_T1, DeepLenseError, get_device, fsync_dir
 
 # %% auto #0
 __all__ = ['LAYOUTS', 'TASKS', 'DataError', 'LayoutError', 'BadFileError', 'StoreError', 'natural_key', 'read_npy', 'Skipped',
@@ -256,7 +256,7 @@ def make_toy_dataset(root: str | os.PathLike, # folder to create (must not exist
         size = img_size or 150
         splits = {"train": n_per_class, "val": n_val} if layout == "task1" else {"": n_per_class}
         for split, n in splits.items():
-            for label, cls in enumerate(("no", "sphere", "vort")):
+            for label, cls in enumerate(CLASSES_T1):
                 write(root / split / cls, [_toy_ring(label, size, rng) for _ in range(n)])
     elif layout == "task2":
         size = img_size or 64
@@ -311,7 +311,7 @@ def show_batch(x, # images (B, C, H, W) or one (C, H, W); tensor or array
     return fig
 
 # %% ../nbs/03_data.ipynb #92c6ef3b
-_T1 = ("no", "sphere", "vort")
+_T1 = CLASSES_T1
 _T2 = {"train_nonlenses": ("train", 0), "train_lenses": ("train", 1), "test_nonlenses": ("test", 0), "test_lenses": ("test", 1)}
 _SPLITS = ("train", "val", "valid", "validation", "test")
 _SPLIT_ORDER = _SPLITS + ("all",)
