@@ -1,4 +1,4 @@
-"""Strong-lensing physics as pure, batched, differentiable torch functions: distances, Einstein radii, deflections, the lens equation, light profiles, PSF and noise.
+"""Strong-lensing physics as pure, batched, differentiable torch functions: distances, Einstein radii, deflections, the lens equation, light profiles, PSF and noise, and the smooth lens forward model built from them.
 
 Docs: https://ml4sci.github.io/deeplense_nb/physics.html.md"""
 
