@@ -435,9 +435,10 @@ def load_truth(root: str | Path) -> dict[str, dict]:
     if not (root / tf).is_file(): raise DeepLenseError(f"{root / tf} (the truth_file of {mf}) is missing; re-run the simulation.")
     rows = {}
     for n, line in enumerate((root / tf).read_text().splitlines(), 1):
-        try: r = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError as e: raise DeepLenseError(f"{root / tf}, line {n}: not JSON ({e}); re-run the simulation.") from e
-        if r is not None: rows[r["file"]] = r
+        if not line.strip(): continue
+        try: r = json.loads(line); rows[r["file"]] = r
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DeepLenseError(f"{root / tf}, line {n}: not a truth row ({e!r}); re-run the simulation.") from e
     return rows
 
 # %% ../nbs/02_simulate.ipynb #2768f850
