@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['AMP_CHOICES', 'DeepLenseError', 'ConfigError', 'check_choice', 'get_device', 'cpu_bf16_supported', 'amp_dtype',
-           'seed_everything', 'Config', 'pid_alive', 'fsync_dir', 'atomic_write', 'atomic_write_text',
+__all__ = ['CLASSES_T1', 'AMP_CHOICES', 'DeepLenseError', 'ConfigError', 'check_choice', 'get_device', 'cpu_bf16_supported',
+           'amp_dtype', 'seed_everything', 'Config', 'pid_alive', 'fsync_dir', 'atomic_write', 'atomic_write_text',
            'add_config_arguments', 'read_config_file', 'config_from_args', 'env_info']
 
 # %% ../nbs/00_core.ipynb #455d652c
@@ -36,6 +36,9 @@ def check_choice(name: str, # the setting's name, for the message
     if value not in allowed:
         raise error(f"Unknown {name}={value!r}; expected one of {', '.join(map(repr, allowed))}.")
     return value
+
+# %% ../nbs/00_core.ipynb #3f24df19
+CLASSES_T1 = ("no", "sphere", "vort")  # Task I labels 0, 1, 2
 
 # %% ../nbs/00_core.ipynb #22227f2f
 _DEVICES = ("auto", "cpu", "cuda", "mps")

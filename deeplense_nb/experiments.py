@@ -17,7 +17,7 @@ __all__ = ['EXPERIMENTS', 'DEMO_CPU', 'DEMO_GPU', 'experiments_dir', 'experiment
 
 # %% ../nbs/11_experiments.ipynb #c7c9f64a
 EXPERIMENTS = {"task1": "task1.ipynb", "lens-finding": "lens_finding.ipynb", "model-zoo": "model_zoo.ipynb",
-               "diffusion": "diffusion.ipynb", "physics": "physics.ipynb"}
+               "diffusion": "diffusion.ipynb", "physics": "physics.ipynb", "sim2real": "sim2real.ipynb"}
 
 def experiments_dir() -> Path:
     "Folder of the experiment notebooks: `$DEEPLENSE_EXPERIMENTS`, else `nbs/experiments` of the source checkout."

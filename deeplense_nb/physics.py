@@ -1,4 +1,4 @@
-"""Strong-lensing physics as pure, batched, differentiable torch functions: distances, Einstein radii, deflections, the lens equation, light profiles, PSF and noise.
+"""Strong-lensing physics as pure, batched, differentiable torch functions: distances, Einstein radii, deflections, the lens equation, light profiles, PSF and noise, and the smooth lens forward model built from them.
 
 Docs: https://ml4sci.github.io/deeplense_nb/physics.html.md"""
 
@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['C_KM_S', 'G_OVER_C2_MPC_MSUN', 'ARCSEC_PER_RAD', 'comoving_distance', 'angular_diameter_distance',
+__all__ = ['C_KM_S', 'G_OVER_C2_MPC_MSUN', 'ARCSEC_PER_RAD', 'FWHM_PER_SIGMA', 'comoving_distance', 'angular_diameter_distance',
            'angular_diameter_distance_z1z2', 'luminosity_distance', 'theta_E_point_mass', 'theta_E_sis', 'theta_E_halo',
            'pixel_grid', 'alpha_sis', 'alpha_sie', 'alpha_shear', 'ellipticity_to_q_phi', 'q_phi_to_ellipticity',
            'alpha_point_masses', 'vortex_positions', 'alpha_vortex', 'lens_equation', 'convergence_sie',
            'convergence_from_alpha', 'magnification', 'sersic_bn', 'sersic', 'gaussian_psf', 'convolve',
-           'poisson_noise', 'gaussian_noise']
+           'poisson_noise', 'gaussian_noise', 'gaussian_taps', 'psf_blur', 'alpha_sie_shear', 'smooth_lens_image']
 
 # %% ../nbs/01_physics.ipynb #49b65118
 C_KM_S = 299792.458            # speed of light, km/s
@@ -248,3 +248,56 @@ def poisson_noise(counts: Tensor, *, generator: torch.Generator | None = None) -
 def gaussian_noise(img: Tensor, sigma, *, generator: torch.Generator | None = None) -> Tensor:
     "Add zero-mean Gaussian noise of standard deviation `sigma`."
     return img + sigma * torch.randn(img.shape, generator=generator, dtype=img.dtype, device=img.device)
+
+# %% ../nbs/01_physics.ipynb #68742cdc
+FWHM_PER_SIGMA = 2 * math.sqrt(2 * math.log(2))  # a Gaussian's FWHM in units of its sigma
+
+def gaussian_taps(fwhm, # (...,) FWHM of each PSF, arcsec (a tensor keeps the gradient)
+                  pixel_scale: float, # arcsec per pixel
+                  *, radius: int, # half-width of the kernel, pixels
+                 ) -> Tensor:
+    "Normalised 1-D Gaussian kernels `(..., 2 radius + 1)`: the separable factor of a Gaussian PSF."
+    sig = _as_tensor(fwhm) / FWHM_PER_SIGMA / pixel_scale
+    r = torch.arange(-radius, radius + 1, dtype=sig.dtype, device=sig.device)
+    k = torch.exp(-r ** 2 / (2 * sig[..., None] ** 2))
+    return k / k.sum(-1, keepdim=True)
+
+# %% ../nbs/01_physics.ipynb #f2db5a23
+def psf_blur(img: Tensor, # (..., H, W) images
+             fwhm, # one Gaussian PSF FWHM for all images, or one per image (numel = number of images), arcsec
+             pixel_scale: float, # arcsec per pixel
+             *, radius: int | None = None, # kernel half-width, pixels (default: 4 sigma of the widest PSF)
+            ) -> Tensor:
+    "Blur each image with its own Gaussian PSF: two 1-D passes, batched, differentiable in `fwhm` ('same' size, zero padding)."
+    shape = img.shape; x = img.reshape(1, -1, *shape[-2:]); B = x.shape[1]
+    fwhm = _as_tensor(fwhm, img).reshape(-1)
+    if fwhm.numel() not in (1, B): raise ValueError(f"psf_blur: {fwhm.numel()} FWHMs for {B} images")
+    if radius is None: radius = max(1, math.ceil(4 * (float(fwhm.max()) / FWHM_PER_SIGMA / pixel_scale)))
+    k = gaussian_taps(fwhm, pixel_scale, radius=radius).expand(B, -1)
+    x = F.conv2d(x, k[:, None, None, :], padding=(0, radius), groups=B)    # along x
+    x = F.conv2d(x, k[:, None, :, None], padding=(radius, 0), groups=B)    # along y
+    return x.reshape(shape)
+
+# %% ../nbs/01_physics.ipynb #39917f28
+def alpha_sie_shear(x: Tensor, y: Tensor, *, theta_E, q, phi=0.0, x0=0.0, y0=0.0, gamma1=0.0, gamma2=0.0) -> tuple[Tensor, Tensor]:
+    "Deflection of the macro model: SIE (`alpha_sie`) + external shear about the same centre, arcsec."
+    ax, ay = alpha_sie(x, y, theta_E=theta_E, q=q, phi=phi, x0=x0, y0=y0)
+    sx, sy = alpha_shear(x, y, gamma1=gamma1, gamma2=gamma2, x0=x0, y0=y0)
+    return ax + sx, ay + sy
+
+# %% ../nbs/01_physics.ipynb #5f23552e
+def smooth_lens_image(x: Tensor, y: Tensor, # pixel-centre coordinates (H, W), arcsec (see `pixel_grid`)
+                      *, theta_E, q, phi=0.0, x0=0.0, y0=0.0, # SIE: Einstein radius (arcsec), axis ratio, angle (rad), centre
+                      gamma1=0.0, gamma2=0.0, # external shear about the lens centre
+                      src_x=0.0, src_y=0.0, src_R_e=0.25, src_n=1.0, src_q=1.0, src_phi=0.0, # Sersic source (arcsec, rad)
+                      psf_fwhm=0.1, pixel_scale: float = 0.05, # Gaussian PSF FWHM (arcsec; one, or one per image); arcsec/pixel
+                      amp=1.0, sky=0.0, # counts per unit source surface brightness; flat sky, counts
+                      alpha: tuple | None = None, # extra deflection `(ax, ay)` (e.g. substructure), arcsec
+                      psf_radius: int | None = None, # PSF half-width, pixels (default 4 sigma)
+                     ) -> Tensor:
+    "Expected counts `amp * PSF * Sersic(theta - alpha(theta)) + sky` of an SIE + shear lens, `(B, H, W)` for `(B, 1, 1)` parameters."
+    ax, ay = alpha_sie_shear(x, y, theta_E=theta_E, q=q, phi=phi, x0=x0, y0=y0, gamma1=gamma1, gamma2=gamma2)
+    if alpha is not None: ax, ay = ax + alpha[0], ay + alpha[1]
+    bx, by = lens_equation(x, y, ax, ay)
+    img = sersic(bx, by, R_e=src_R_e, n=src_n, q=src_q, phi=src_phi, x0=src_x, y0=src_y)
+    return amp * psf_blur(img, psf_fwhm, pixel_scale, radius=psf_radius) + sky

@@ -17,10 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .core import Config, DeepLenseError, get_device, seed_everything
+from .core import CLASSES_T1, Config, DeepLenseError, get_device, seed_everything
 from .checkpoint import register_builder
-from .simulate import CLASSES_T1, MANIFEST
-from .physics import (pixel_grid, alpha_sie, alpha_sis, alpha_shear, lens_equation,
+from .simulate import MANIFEST, load_truth
+from .physics import (pixel_grid, alpha_sie, alpha_sis, alpha_shear, alpha_sie_shear, lens_equation,
                                   ellipticity_to_q_phi, q_phi_to_ellipticity)
 
 # %% auto #0
@@ -118,10 +118,11 @@ def deflection(x: Tensor, y: Tensor, # image-plane pixel coordinates (H, W), arc
     "Deflection `(alpha_x, alpha_y)`, each `(B, H, W)` arcsec, of the SIE or SIS (+ external shear) in `params`."
     p = _columns(params, names)
     x0, y0 = p.get("x0", 0.0), p.get("y0", 0.0)
-    if "e1" in p:
+    if "e1" in p:   # the macro model of `physics.smooth_lens_image`
         q, phi = ellipticity_to_q_phi(p["e1"], p["e2"])
-        ax, ay = alpha_sie(x, y, theta_E=p["theta_E"], q=q, phi=phi, x0=x0, y0=y0)
-    else: ax, ay = alpha_sis(x, y, theta_E=p["theta_E"], x0=x0, y0=y0)
+        return alpha_sie_shear(x, y, theta_E=p["theta_E"], q=q, phi=phi, x0=x0, y0=y0,
+                               gamma1=p.get("gamma1", 0.0), gamma2=p.get("gamma2", 0.0))
+    ax, ay = alpha_sis(x, y, theta_E=p["theta_E"], x0=x0, y0=y0)
     if "gamma1" in p:
         sx, sy = alpha_shear(x, y, gamma1=p["gamma1"], gamma2=p["gamma2"], x0=x0, y0=y0)
         ax, ay = ax + sx, ay + sy
@@ -486,25 +487,6 @@ def create_physics_objective(model: dict, # `create_pinn` keyword arguments (a m
     return PhysicsObjective(create_pinn(**model), **kw)
 
 # %% ../nbs/09_pinn.ipynb #44799d96
-def _truth_rows(root: Path) -> list[dict]:
-    "Per-image truth rows of a simulated folder: `manifest.json` names a JSON-lines `truth_file`, one row per image."
-    mf = root / MANIFEST
-    if not mf.is_file():
-        raise DeepLenseError(f"{mf} not found: truth supervision needs a folder written by the simulator "
-                             "(`deeplense simulate` / `deeplense_nb.simulate.simulate_task1`), whose manifest points to the lens parameters.")
-    try: man = json.loads(mf.read_text())
-    except json.JSONDecodeError as e: raise DeepLenseError(f"{mf} is not valid JSON ({e}); re-run the simulation.") from e
-    tf = man.get("truth_file") if isinstance(man, dict) else None
-    if not tf: raise DeepLenseError(f"{mf} names no truth_file; it was not written by deeplense_nb.simulate (real data carry no lens truth).")
-    tp = root / tf
-    if not tp.is_file(): raise DeepLenseError(f"{tp} (the truth_file of {mf}) is missing; re-run the simulation.")
-    rows = []
-    for n, line in enumerate(tp.read_text().splitlines(), 1):
-        if not line.strip(): continue
-        try: rows.append(json.loads(line))
-        except json.JSONDecodeError as e: raise DeepLenseError(f"{tp}, line {n}: not JSON ({e}); re-run the simulation.") from e
-    return rows
-
 class TruthDataset(torch.utils.data.Dataset):
     "Images, labels and lens-parameter truth `(x, y, truth)`; from `simulate_batch` output or a simulated folder."
     def __init__(self, images: Tensor | Sequence[str | Path], # (N, C, H, W) tensor, or N `.npy` file paths
@@ -532,7 +514,7 @@ class TruthDataset(torch.utils.data.Dataset):
                    ) -> TruthDataset:
         "The images of `path/split/<class>/N.npy` with their lens truth from the simulator's manifest."
         root = Path(path)
-        rows = [r for r in _truth_rows(root) if Path(str(r.get("file", ""))).parts[:1] == (split,)]
+        rows = [r for r in load_truth(root).values() if Path(str(r.get("file", ""))).parts[:1] == (split,)]
         if not rows: raise DeepLenseError(f"{root / MANIFEST} lists no images under split {split!r}.")
         def key(r):
             p = Path(r["file"]); return (CLASSES_T1.index(p.parts[1]) if p.parts[1] in CLASSES_T1 else -1, int(p.stem) if p.stem.isdigit() else 0)

@@ -6,26 +6,25 @@ Docs: https://ml4sci.github.io/deeplense_nb/simulate.html.md"""
 
 # %% ../nbs/02_simulate.ipynb #761f483b
 from __future__ import annotations
-import hashlib, json, math, os, shutil, time
+import fcntl, hashlib, json, math, os, shutil, time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from .core import Config, DeepLenseError, atomic_write_text, get_device
-from .physics import (pixel_grid, alpha_sie, alpha_shear, alpha_point_masses, vortex_positions, lens_equation,
-                                  sersic, gaussian_psf, convolve, theta_E_halo, theta_E_point_mass, ellipticity_to_q_phi)
+from .core import CLASSES_T1, Config, DeepLenseError, atomic_write_text, get_device
+from .physics import (pixel_grid, alpha_sie_shear, alpha_point_masses, vortex_positions, lens_equation,
+                                  sersic, gaussian_psf, convolve, smooth_lens_image, theta_E_point_mass)
 
 # %% auto #0
-__all__ = ['CLASSES_T1', 'PRESETS', 'MANIFEST', 'TRUTH', 'RESIDUAL_FEATURES', 'GEOMETRY_FEATURES', 'SimPreset', 'get_preset',
-           'image_rng', 'sample_truth', 'render', 'minmax', 'simulate_batch', 'LensFindingPreset',
-           'sample_lens_finding', 'render_lens_finding', 'simulate_task1', 'simulate_lens_finding',
-           'simulate_diffusion', 'load_truth', 'count_scale', 'image_stats', 'compare_stats', 'fit_smooth_lens',
-           'residual_features', 'residual_classifier']
+__all__ = ['PRESETS', 'MANIFEST', 'TRUTH', 'SimPreset', 'get_preset', 'image_rng', 'sample_truth', 'render', 'minmax',
+           'simulate_batch', 'LensFindingPreset', 'sample_lens_finding', 'render_lens_finding', 'simulate_task1',
+           'simulate_lens_finding', 'simulate_diffusion', 'load_truth', 'count_scale', 'image_stats', 'compare_stats']
 
 # %% ../nbs/02_simulate.ipynb #cf27676a
-CLASSES_T1 = ("no", "sphere", "vort")
-
 @dataclass
 class SimPreset(Config):
     "Every knob of the substructure simulator (Model I/II/III and the diffusion set). Ranges are (low, high), uniform."
@@ -109,8 +108,6 @@ def _powerlaw(rng, n, lo, hi, slope):
     if abs(a) < 1e-9: return np.exp(np.log(lo) + u * (np.log(hi) - np.log(lo)))
     return (lo**a + u * (hi**a - lo**a)) ** (1 / a)
 
-from functools import lru_cache
-
 @lru_cache(maxsize=64)
 def _theta_E_pm(mass: float, z_l: float, z_s: float) -> float:
     "Einstein radius (arcsec) of a point mass in DeepLenseSim's convention, cached (distances are integrals)."
@@ -175,10 +172,7 @@ def render(truth: list[dict], p: SimPreset, *, device="cpu", dtype=torch.float32
     dev = get_device(device)
     x, y = pixel_grid(p.npix, p.pixel_scale, device=dev, dtype=dtype)
     c = lambda k: _col(truth, k, dev, dtype)
-    x0, y0 = c("x0"), c("y0")
-    ax, ay = alpha_sie(x, y, theta_E=c("theta_E"), q=c("q"), phi=c("phi"), x0=x0, y0=y0)
-    sx, sy = alpha_shear(x, y, gamma1=c("gamma1"), gamma2=c("gamma2"), x0=x0, y0=y0)
-    ax, ay = ax + sx, ay + sy
+    ax = ay = torch.zeros(len(truth), p.npix, p.npix, device=dev, dtype=dtype)   # substructure deflection
     for kind in ("sub_mass", "vort_length"):   # subhalos and vortices apart: no padding of 25 masses to 100
         idx = [i for i, t in enumerate(truth) if kind in t]
         if not idx: continue
@@ -186,9 +180,10 @@ def render(truth: list[dict], p: SimPreset, *, device="cpu", dtype=torch.float32
         bx, by = alpha_point_masses(x, y, theta_E=sub[0], xs=sub[1], ys=sub[2], s=p.softening)
         sel = torch.tensor(idx, device=dev)
         ax, ay = ax.index_add(0, sel, bx), ay.index_add(0, sel, by)
-    bx, by = lens_equation(x, y, ax, ay)
-    img = sersic(bx, by, R_e=c("src_R_e"), n=c("src_n"), q=c("src_q"), phi=c("src_phi"), x0=c("src_x"), y0=c("src_y"))
-    img = convolve(img, gaussian_psf(p.psf_fwhm, p.pixel_scale, dtype=dtype, device=dev))
+    img = smooth_lens_image(x, y, theta_E=c("theta_E"), q=c("q"), phi=c("phi"), x0=c("x0"), y0=c("y0"),
+                            gamma1=c("gamma1"), gamma2=c("gamma2"), src_x=c("src_x"), src_y=c("src_y"), src_R_e=c("src_R_e"),
+                            src_n=c("src_n"), src_q=c("src_q"), src_phi=c("src_phi"), psf_fwhm=p.psf_fwhm,
+                            pixel_scale=p.pixel_scale, alpha=(ax, ay))   # the physics forward model, in units of the peak
     img = img / img.amax(dim=(-2, -1), keepdim=True) * c("peak_counts") + p.sky_counts
     img = img.unsqueeze(1)
     if noise:
@@ -289,9 +284,7 @@ def render_lens_finding(t: dict, p: LensFindingPreset, *, device="cpu", dtype=to
     img = torch.zeros(3, p.npix, p.npix, device=dev, dtype=dtype)
     if t["centre"] == "lens":
         lens = sersic(x, y, R_e=t["lens_R_e"], n=4.0, q=t["q"], phi=t["phi"]); lens = lens / lens.max()
-        ax, ay = alpha_sie(x, y, theta_E=t["theta_E"], q=t["q"], phi=t["phi"])
-        sx, sy = alpha_shear(x, y, gamma1=t["gamma1"], gamma2=t["gamma2"])
-        bx, by = lens_equation(x, y, ax + sx, ay + sy)
+        bx, by = lens_equation(x, y, *alpha_sie_shear(x, y, theta_E=t["theta_E"], q=t["q"], phi=t["phi"], gamma1=t["gamma1"], gamma2=t["gamma2"]))
         arcs = sersic(bx, by, R_e=t["src_R_e"], n=1.0, q=t["src_q"], phi=t["src_phi"], x0=t["src_x"], y0=t["src_y"])
         arcs = arcs / arcs.sum() * lens.sum() * t["arc_flux"] / p.src_sed[0] * p.lens_sed[0]
         img += torch.stack([lens * s for s in p.lens_sed]) + torch.stack([arcs * s for s in p.src_sed])
@@ -306,34 +299,67 @@ def render_lens_finding(t: dict, p: LensFindingPreset, *, device="cpu", dtype=to
     img = img + torch.from_numpy(nrng.normal(0, t["noise_sigma"], size=img.shape)).to(img)
     return minmax(img) if normalize else img
 
-# %% ../nbs/02_simulate.ipynb #952d0c04
+# %% ../nbs/02_simulate.ipynb #070bdb2c
 MANIFEST, TRUTH = "manifest.json", "truth.jsonl"
 
 def _version() -> str:
     from deeplense_nb import __version__
     return __version__
 
-def _check_out(out: Path, overwrite: bool) -> Path:
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise DeepLenseError(f"output folder {out} is not empty; choose another --out or pass overwrite=True (--overwrite)")
-        if not (out / MANIFEST).exists() and not any(out.glob("*/*.npy")) and not any(out.glob("*/*/*.npy")):
-            raise DeepLenseError(f"refusing to overwrite {out}: it does not look like a simulated dataset")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def _check_out(out: Path, overwrite: bool):
+    "Refuse a non-empty `out` unless `overwrite`, and never overwrite something that is not a simulated dataset."
+    if not (out.exists() and any(out.iterdir())): return
+    if not overwrite:
+        raise DeepLenseError(f"output folder {out} is not empty; choose another --out or pass overwrite=True (--overwrite)")
+    if not (out / MANIFEST).exists() and not any(out.glob("*/*.npy")) and not any(out.glob("*/*/*.npy")):
+        raise DeepLenseError(f"refusing to overwrite {out}: it does not look like a simulated dataset")
 
+# %% ../nbs/02_simulate.ipynb #359e529d
+def _same_file(fd: int, path: Path) -> bool:
+    try: return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError: return False
+
+@contextmanager
+def _dataset_lock(out: Path):
+    "Hold the lock on writing `out` (`.NAME.lock` beside it, released by the OS if the process dies); a second writer fails at once."
+    lock = out.parent / f".{out.name}.lock"; fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644); held = False
+    try:
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); held = _same_file(fd, lock)  # not a lock file just removed
+        except BlockingIOError: pass
+        if not held: raise DeepLenseError(f"another simulation is writing {out} right now; wait for it to finish or choose another --out")
+        yield
+    finally:
+        if held: lock.unlink(missing_ok=True)
+        os.close(fd)
+
+# %% ../nbs/02_simulate.ipynb #b791aacc
+@contextmanager
+def _writing(out: str | Path, overwrite: bool):
+    "Yield a fresh folder beside `out` to write a dataset into; on success swap it into place. `out` is never half-written."
+    out = Path(out).absolute(); out.parent.mkdir(parents=True, exist_ok=True)
+    with _dataset_lock(out):
+        _check_out(out, overwrite)
+        for stale in out.parent.glob(f".{out.name}.partial-*"): shutil.rmtree(stale, ignore_errors=True)  # crashed runs
+        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"; tmp.mkdir()
+        try:
+            yield tmp
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            if out.exists(): os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        finally: shutil.rmtree(tmp, ignore_errors=True)
+
+# %% ../nbs/02_simulate.ipynb #284c81c6
 def _write_manifest(out: Path, task: str, preset: Config, seed: int, counts: dict, dtype: str, rows: list[dict], elapsed: float):
-    with open(out / (TRUTH + ".tmp"), "w") as f:
+    with open(out / TRUTH, "w") as f:
         for r in rows: f.write(json.dumps(r, default=float) + "\n")
-    os.replace(out / (TRUTH + ".tmp"), out / TRUTH)
     man = dict(format="deeplense_nb.simulate/1", task=task, generator=f"deeplense_nb {_version()}", seed=seed,
                preset=preset.to_dict(), classes=list(preset.classes), counts=counts, dtype=dtype, truth_file=TRUTH,
                images=sum(sum(c.values()) for c in counts.values()))
     atomic_write_text(out / MANIFEST, json.dumps(man, indent=2) + "\n")
     return man
 
+# %% ../nbs/02_simulate.ipynb #b3eaf16c
 def simulate_task1(out: str | Path, *, n_train: int = 30_000, # images in train/, split evenly over the classes
                    n_val: int = 7_500, # images in val/
                    seed: int = 0, preset: str | SimPreset = "model_i", device="cpu",
@@ -341,70 +367,79 @@ def simulate_task1(out: str | Path, *, n_train: int = 30_000, # images in train/
                    batch_size: int = 128, overwrite: bool = False, progress: bool = True) -> dict:
     "Simulate a Task I dataset `out/{train,val}/{no,sphere,vort}/N.npy` + manifest; returns the manifest."
     if dtype not in ("float64", "float32"): raise DeepLenseError(f"dtype={dtype!r}; expected 'float64' or 'float32'")
-    p = get_preset(preset); out = _check_out(out, overwrite); t0 = time.time()
+    p = get_preset(preset); t0 = time.time()
     counts, rows, jobs = {}, [], []
     for split, n in (("train", n_train), ("val", n_val)):
         per = [n // len(p.classes) + (i < n % len(p.classes)) for i in range(len(p.classes))]
         counts[split] = dict(zip(p.classes, per))
-        for cls, k in zip(p.classes, per):
-            (out / split / cls).mkdir(parents=True, exist_ok=True)
-            jobs += [(split, cls, i) for i in range(1, k + 1)]
-    bar = tqdm(total=len(jobs), desc=f"simulate {p.name}", unit="img", disable=not progress)
-    for b in range(0, len(jobs), batch_size):
-        chunk = jobs[b:b + batch_size]
-        truth = [sample_truth(p, cls, image_rng(seed, split, cls, i)) for split, cls, i in chunk]
-        imgs = render(truth, p, device=device).cpu().numpy().astype(dtype)
-        for (split, cls, i), im, t in zip(chunk, imgs, truth):
-            rel = f"{split}/{cls}/{i}.npy"; np.save(out / rel, im)
-            rows.append(dict(file=rel, split=split, **t))
-        bar.update(len(chunk))
-    bar.close()
-    return _write_manifest(out, "task1", p, seed, counts, dtype, rows, time.time() - t0)
+        jobs += [(split, cls, i) for cls, k in zip(p.classes, per) for i in range(1, k + 1)]
+    with _writing(out, overwrite) as d, tqdm(total=len(jobs), desc=f"simulate {p.name}", unit="img", disable=not progress) as bar:
+        for split in counts:
+            for cls in p.classes: (d / split / cls).mkdir(parents=True)
+        for b in range(0, len(jobs), batch_size):
+            chunk = jobs[b:b + batch_size]
+            truth = [sample_truth(p, cls, image_rng(seed, split, cls, i)) for split, cls, i in chunk]
+            imgs = render(truth, p, device=device).cpu().numpy().astype(dtype)
+            for (split, cls, i), im, t in zip(chunk, imgs, truth):
+                rel = f"{split}/{cls}/{i}.npy"; np.save(d / rel, im)
+                rows.append(dict(file=rel, split=split, **t))
+            bar.update(len(chunk))
+        return _write_manifest(d, "task1", p, seed, counts, dtype, rows, time.time() - t0)
 
+# %% ../nbs/02_simulate.ipynb #0ec01f9d
 def simulate_lens_finding(out: str | Path, *, n_train_lenses: int = 1730, n_test_lenses: int = 195,
                           n_train_nonlenses: int | None = None, # default: n_train_lenses * preset.train_ratio
                           n_test_nonlenses: int | None = None, # default: n_test_lenses * preset.test_ratio
                           seed: int = 0, preset: LensFindingPreset | None = None, device="cpu",
                           overwrite: bool = False, progress: bool = True) -> dict:
     "Simulate a Task II dataset `out/{train,test}_{lenses,nonlenses}/N.npy` (float32 (3,64,64)) + manifest."
-    p = preset or LensFindingPreset(); out = _check_out(out, overwrite)
+    p = preset or LensFindingPreset()
     n = dict(train_lenses=n_train_lenses, test_lenses=n_test_lenses,
              train_nonlenses=n_train_lenses * p.train_ratio if n_train_nonlenses is None else n_train_nonlenses,
              test_nonlenses=n_test_lenses * p.test_ratio if n_test_nonlenses is None else n_test_nonlenses)
     rows, t0 = [], time.time()
-    bar = tqdm(total=sum(n.values()), desc="simulate lens_finding", unit="img", disable=not progress)
-    for folder, k in n.items():
-        (out / folder).mkdir(parents=True, exist_ok=True)
-        for i in range(1, k + 1):
-            t = sample_lens_finding(p, folder.endswith("_lenses"), image_rng(seed, folder, i))
-            np.save(out / folder / f"{i}.npy", render_lens_finding(t, p, device=device).cpu().numpy().astype(np.float32))
-            rows.append(dict(file=f"{folder}/{i}.npy", split=folder.split("_")[0], **t)); bar.update(1)
-    bar.close()
-    counts = {s: {"nonlens": n[f"{s}_nonlenses"], "lens": n[f"{s}_lenses"]} for s in ("train", "test")}
-    return _write_manifest(out, "lens_finding", p, seed, counts, "float32", rows, time.time() - t0)
+    with _writing(out, overwrite) as d, tqdm(total=sum(n.values()), desc="simulate lens_finding", unit="img", disable=not progress) as bar:
+        for folder, k in n.items():
+            (d / folder).mkdir()
+            for i in range(1, k + 1):
+                t = sample_lens_finding(p, folder.endswith("_lenses"), image_rng(seed, folder, i))
+                np.save(d / folder / f"{i}.npy", render_lens_finding(t, p, device=device).cpu().numpy().astype(np.float32))
+                rows.append(dict(file=f"{folder}/{i}.npy", split=folder.split("_")[0], **t)); bar.update(1)
+        counts = {s: {"nonlens": n[f"{s}_nonlenses"], "lens": n[f"{s}_lenses"]} for s in ("train", "test")}
+        return _write_manifest(d, "lens_finding", p, seed, counts, "float32", rows, time.time() - t0)
 
+# %% ../nbs/02_simulate.ipynb #1e6e4a68
 def simulate_diffusion(out: str | Path, *, n: int = 10_000, seed: int = 0, preset: str | SimPreset = "diffusion",
                        device="cpu", batch_size: int = 128, overwrite: bool = False, progress: bool = True) -> dict:
     "Simulate a Task IV set `out/Samples/sample{i}.npy` ((1,150,150) float64 in [0,1], classes mixed) + manifest."
-    p = get_preset(preset); out = _check_out(out, overwrite); (out / "Samples").mkdir()
-    rows, t0 = [], time.time()
-    bar = tqdm(total=n, desc="simulate diffusion", unit="img", disable=not progress)
-    for b in range(1, n + 1, batch_size):
-        idx = list(range(b, min(n, b + batch_size - 1) + 1))
-        truth = [sample_truth(p, p.classes[i % len(p.classes)], image_rng(seed, "Samples", i)) for i in idx]
-        for i, im, t in zip(idx, render(truth, p, device=device).cpu().numpy(), truth):
-            rel = f"Samples/sample{i}.npy"; np.save(out / rel, im); rows.append(dict(file=rel, split="Samples", **t))
-        bar.update(len(idx))
-    bar.close()
-    return _write_manifest(out, "diffusion", p, seed, {"Samples": {c: sum(r["label"] == c for r in rows) for c in p.classes}},
-                           "float64", rows, time.time() - t0)
+    p = get_preset(preset); rows, t0 = [], time.time()
+    with _writing(out, overwrite) as d, tqdm(total=n, desc="simulate diffusion", unit="img", disable=not progress) as bar:
+        (d / "Samples").mkdir()
+        for b in range(1, n + 1, batch_size):
+            idx = list(range(b, min(n, b + batch_size - 1) + 1))
+            truth = [sample_truth(p, p.classes[i % len(p.classes)], image_rng(seed, "Samples", i)) for i in idx]
+            for i, im, t in zip(idx, render(truth, p, device=device).cpu().numpy(), truth):
+                rel = f"Samples/sample{i}.npy"; np.save(d / rel, im); rows.append(dict(file=rel, split="Samples", **t))
+            bar.update(len(idx))
+        counts = {"Samples": {c: sum(r["label"] == c for r in rows) for c in p.classes}}
+        return _write_manifest(d, "diffusion", p, seed, counts, "float64", rows, time.time() - t0)
 
+# %% ../nbs/02_simulate.ipynb #82939cc6
 def load_truth(root: str | Path) -> dict[str, dict]:
-    "Per-image truth of a simulated dataset: {relative file path: truth dict}."
-    root = Path(root); f = root / TRUTH
-    if not (root / MANIFEST).exists() or not f.exists():
-        raise DeepLenseError(f"{root} has no {MANIFEST}/{TRUTH}: not a (complete) simulated dataset")
-    with open(f) as fh: return {r["file"]: r for r in map(json.loads, fh)}
+    "Per-image truth of a simulated dataset, `{relative file path: truth dict}`, from the `truth_file` its manifest names."
+    root = Path(root); mf = root / MANIFEST
+    if not mf.is_file(): raise DeepLenseError(f"{mf} not found: {root} is not a (complete) simulated dataset; real data carry no lens truth.")
+    try: tf = json.loads(mf.read_text()).get("truth_file")
+    except (json.JSONDecodeError, AttributeError) as e: raise DeepLenseError(f"{mf} is not a JSON manifest ({e}); re-run the simulation.") from e
+    if not tf: raise DeepLenseError(f"{mf} names no truth_file; it was not written by deeplense_nb.simulate.")
+    if not (root / tf).is_file(): raise DeepLenseError(f"{root / tf} (the truth_file of {mf}) is missing; re-run the simulation.")
+    rows = {}
+    for n, line in enumerate((root / tf).read_text().splitlines(), 1):
+        if not line.strip(): continue
+        try: r = json.loads(line); rows[r["file"]] = r
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DeepLenseError(f"{root / tf}, line {n}: not a truth row ({e!r}); re-run the simulation.") from e
+    return rows
 
 # %% ../nbs/02_simulate.ipynb #2768f850
 def _cli_simulate(p):
@@ -468,142 +503,10 @@ def image_stats(img, # (1, H, W) or (H, W) min-max scaled image of normalised co
                 mean=float(a.mean()), std=float(a.std()))
 
 def compare_stats(groups: dict, # {name: list of images}
-                 ) -> "pandas.DataFrame":
+                 ) -> pd.DataFrame:
     "Mean +- std of `image_stats` over each group of images, one row per group."
-    import pandas as pd
     rows = {}
     for name, imgs in groups.items():
         st = [image_stats(im) for im in imgs]
         rows[name] = {k: f"{np.mean([s[k] for s in st]):.3g} ± {np.std([s[k] for s in st]):.2g}" for k in st[0]}
     return pd.DataFrame(rows).T
-
-# %% ../nbs/02_simulate.ipynb #b6d9e84c
-def _q_phi(e1, e2):
-    "Axis ratio and angle of a fitted ellipticity, kept to |e| <= 0.6 per component."
-    return ellipticity_to_q_phi(e1.clamp(-0.6, 0.6), e2.clamp(-0.6, 0.6))
-
-def _smooth_model(P: dict, x, y, pixel_scale: float) -> torch.Tensor:
-    v = lambda k: P[k].view(-1, 1, 1)
-    q, phi = _q_phi(P["le1"], P["le2"])
-    ax, ay = alpha_sie(x, y, theta_E=v("logtE").exp(), q=q.view(-1, 1, 1), phi=phi.view(-1, 1, 1), x0=v("x0"), y0=v("y0"))
-    gx, gy = alpha_shear(x, y, gamma1=v("g1"), gamma2=v("g2"), x0=v("x0"), y0=v("y0"))
-    bx, by = lens_equation(x, y, ax + gx, ay + gy)
-    sq, sphi = _q_phi(P["se1"], P["se2"])
-    img = sersic(bx, by, R_e=v("logRe").exp(), n=v("logn").exp().clamp(0.3, 8), q=sq.view(-1, 1, 1),
-                 phi=sphi.view(-1, 1, 1), x0=v("sx"), y0=v("sy"))
-    sig = P["logfwhm"].exp().clamp(0.02, 0.5) / (2 * math.sqrt(2 * math.log(2))) / pixel_scale
-    r = torch.arange(-7, 8, dtype=img.dtype)
-    k = torch.exp(-r[None] ** 2 / (2 * sig[:, None] ** 2)); k = k / k.sum(1, keepdim=True)   # separable Gaussian PSF
-    img = torch.nn.functional.conv2d(img[None], k[:, None, None, :], padding=(0, 7), groups=len(k))
-    img = torch.nn.functional.conv2d(img, k[:, None, :, None], padding=(7, 0), groups=len(k))[0]
-    return v("logamp").exp() * img + v("logsky").exp()
-
-def _poisson_deviance(m, C):
-    "Poisson deviance per pixel of model `m` for counts `C` (about 1 when only photon noise is left)."
-    return 2 * ((m - C) - C * torch.log(m / C.clamp(min=1e-9)).where(C > 0, torch.zeros_like(m))).mean((-2, -1))
-
-def _adam_fit(P: dict, C, x, y, pixel_scale, steps, lr):
-    "Adam on the Poisson negative log-likelihood of `_smooth_model`; returns the final model and its deviance."
-    P = {k: v.detach().clone().requires_grad_(True) for k, v in P.items()}
-    opt = torch.optim.Adam(P.values(), lr=lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            m = _smooth_model(P, x, y, pixel_scale)
-            loss = (m - C * torch.log(m)).mean((1, 2)).sum()
-            opt.zero_grad(); loss.backward(); opt.step()
-    with torch.no_grad():
-        m = _smooth_model(P, x, y, pixel_scale)
-        return {k: v.detach() for k, v in P.items()}, m, _poisson_deviance(m, C)
-
-def fit_smooth_lens(images, # (B, 1, H, W) or (B, H, W) min-max images of normalised counts (pixels k/N), or counts
-                    *, pixel_scale: float = 0.05, # arcsec per pixel
-                    starts: int = 6, # random starts per image
-                    steps: int = 150, # Adam steps of every start (the search)
-                    refine: int = 250, # further Adam steps of each image's best start, at a quarter of the rate
-                    crop: int = 15, # pixels dropped on each side (speed)
-                    lr: float = 0.02, seed: int = 0,
-                    return_model: bool = False, # also return the fitted counts and model images (B, H - 2 crop, W - 2 crop)
-                    batch: int = 32, # images fitted together (memory: batch x starts models with their gradients)
-                   ):
-    "Maximum-Poisson-likelihood fit of SIE + shear + Sersic + Gaussian PSF + sky to each image (arcsec, counts)."
-    a = torch.as_tensor(np.asarray(images), dtype=torch.float64)
-    a = a[:, 0] if a.dim() == 4 else a
-    if a.dim() != 3: raise DeepLenseError(f"fit_smooth_lens wants (B, H, W) or (B, 1, H, W) images, got shape {tuple(a.shape)}")
-    if batch < 1: raise DeepLenseError(f"fit_smooth_lens needs batch >= 1, got {batch}")
-    g = torch.Generator().manual_seed(seed)   # one random stream over the chunks: deterministic for a given (seed, batch)
-    parts = [_fit_chunk(a[i:i + batch], g, pixel_scale, starts, steps, refine, crop, lr) for i in range(0, len(a), batch)]
-    out = [f for p in parts for f in p[0]]
-    if not return_model: return out
-    return out, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
-
-def _fit_chunk(a, g, pixel_scale, starts, steps, refine, crop, lr):
-    "Fit one chunk of images: every start for `steps`, then the best start per image for `refine` more."
-    N = [count_scale(im) if float(im.max()) <= 1.0 else 1.0 for im in a]   # min-max count images are exactly k/N
-    C = torch.stack([torch.round(im * n) if n == n else im for im, n in zip(a, N)]).float()[:, crop:a.shape[-2] - crop, crop:a.shape[-1] - crop]
-    nI, S = len(C), starts; B = nI * S
-    x, y = pixel_grid(a.shape[-1], pixel_scale)
-    x, y = x[crop:x.shape[0] - crop, crop:x.shape[1] - crop], y[crop:y.shape[0] - crop, crop:y.shape[1] - crop]
-    U = lambda lo, hi: lo + (hi - lo) * torch.rand(B, generator=g)
-    P = dict(logtE=torch.log(U(1.0, 1.5)), le1=U(-0.2, 0.2), le2=U(-0.2, 0.2), x0=torch.zeros(B), y0=torch.zeros(B),
-             g1=U(-0.02, 0.02), g2=U(-0.02, 0.02), sx=U(-0.5, 0.5), sy=U(-0.5, 0.5), logRe=torch.log(U(0.1, 0.4)),
-             logn=torch.log(U(0.7, 2.0)), se1=U(-0.1, 0.1), se2=U(-0.1, 0.1), logamp=torch.full((B,), math.log(300.0)),
-             logsky=torch.full((B,), math.log(9.0)), logfwhm=torch.full((B,), math.log(0.1)))
-    P, m, dev = _adam_fit(P, C.repeat_interleave(S, 0), x, y, pixel_scale, steps, lr)     # search: every start
-    best = dev.view(nI, S).argmin(1) + torch.arange(nI) * S
-    P, m, dev = _adam_fit({k: v[best] for k, v in P.items()}, C, x, y, pixel_scale, refine, lr / 4)  # refine the best
-    out = []
-    for b in range(nI):
-        f = lambda k: float(P[k][b])
-        q, phi = _q_phi(P["le1"][b], P["le2"][b])
-        sq, sphi = _q_phi(P["se1"][b], P["se2"][b])
-        out.append(dict(deviance_per_pixel=float(dev[b]), theta_E=math.exp(f("logtE")), q=float(q), phi=float(phi),
-                        e1=f("le1"), e2=f("le2"), x0=f("x0"), y0=f("y0"), gamma1=f("g1"), gamma2=f("g2"),
-                        src_x=f("sx"), src_y=f("sy"), src_R_e=math.exp(f("logRe")), src_n=math.exp(f("logn")),
-                        src_q=float(sq), src_phi=float(sphi), amp=math.exp(f("logamp")), sky_counts=math.exp(f("logsky")),
-                        psf_fwhm=math.exp(f("logfwhm"))))
-    return out, C.numpy(), m.numpy()
-
-# %% ../nbs/02_simulate.ipynb #6a37175b
-RESIDUAL_FEATURES = ("deviance_per_pixel", "chi2_inner", "chi2_ring", "chi2_outer")
-GEOMETRY_FEATURES = ("lens_e2_abs", "centre_offset")
-
-def residual_features(images, # (B, 1, H, W) or (B, H, W) Task I-like images (see `fit_smooth_lens`)
-                      *, pixel_scale: float = 0.05, # arcsec per pixel
-                      smooth: float = 1.5, # Gaussian smoothing of the residuals, pixels (substructure residuals are coherent)
-                      zones: tuple = (0.6, 1.4), # zone edges in units of the fitted theta_E: inner | ring | outer
-                      **fit_kw, # passed to `fit_smooth_lens` (starts, steps, refine, crop, ...)
-                     ) -> "pandas.DataFrame":
-    "Substructure evidence the smooth lens model leaves behind, one row per image: `RESIDUAL_FEATURES` + `GEOMETRY_FEATURES`."
-    import pandas as pd
-    from scipy.ndimage import gaussian_filter
-    fits, C, M = fit_smooth_lens(images, pixel_scale=pixel_scale, return_model=True, **fit_kw)
-    npix = np.shape(images)[-1]; crop = (npix - C.shape[-1]) // 2   # the fitted window, whatever crop the fit used
-    x, y = (t[crop:npix - crop, crop:npix - crop].numpy() for t in pixel_grid(npix, pixel_scale, dtype=torch.float64))
-    kvar = 1 / (4 * math.pi * smooth ** 2)    # variance of Gaussian-smoothed unit white noise
-    rows = []
-    for f, c, m in zip(fits, C.astype(np.float64), M.astype(np.float64)):
-        z2 = gaussian_filter(c - m, smooth) ** 2 / (gaussian_filter(m, smooth) * kvar)   # ~1 where only photon noise is left
-        r = np.hypot(x - f["x0"], y - f["y0"]) / f["theta_E"]
-        zone = lambda lo, hi: float(z2[(r >= lo) & (r < hi)].mean())
-        rows.append(dict(deviance_per_pixel=f["deviance_per_pixel"], chi2_inner=zone(0, zones[0]),
-                         chi2_ring=zone(*zones), chi2_outer=zone(zones[1], np.inf),
-                         lens_e2_abs=abs(f["e2"]), centre_offset=math.hypot(f["x0"], f["y0"])))
-    return pd.DataFrame(rows, columns=[*RESIDUAL_FEATURES, *GEOMETRY_FEATURES])
-
-# %% ../nbs/02_simulate.ipynb #43306911
-def residual_classifier(features, # `residual_features` of simulated training images (DataFrame or array)
-                        labels, # their integer classes
-                        *, columns: tuple = RESIDUAL_FEATURES, # the feature columns used (DataFrame input)
-                        C: float = 1.0, # inverse L2 strength of the logistic regression
-                       ):
-    "Multinomial logistic regression on standardised log(1 + features): a fitted scikit-learn pipeline."
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import FunctionTransformer, StandardScaler
-    from sklearn.linear_model import LogisticRegression
-    X = np.asarray(features[list(columns)] if hasattr(features, "columns") else features, dtype=np.float64)
-    if X.ndim != 2 or X.shape[1] != len(columns):
-        raise DeepLenseError(f"residual_classifier wants an (N, {len(columns)}) table of {tuple(columns)}, got shape {X.shape}")
-    if not np.isfinite(X).all():
-        raise DeepLenseError(f"residual_classifier wants finite features; rows {np.flatnonzero(~np.isfinite(X).all(1))[:10].tolist()} are not")
-    clf = make_pipeline(FunctionTransformer(np.log1p), StandardScaler(), LogisticRegression(C=C, max_iter=5000))
-    return clf.fit(X, np.asarray(labels))

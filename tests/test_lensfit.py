@@ -1,0 +1,72 @@
+"""Smooth-lens fitting (deeplense_nb.lensfit): the physics forward model reproduces the fitter's former private model,
+fits are unchanged, residual features see substructure (simulated and real), the classifier's contract."""
+import math
+import numpy as np
+import pytest
+import torch
+from deeplense_nb.core import DeepLenseError
+from deeplense_nb.physics import alpha_sie, alpha_shear, ellipticity_to_q_phi, lens_equation, pixel_grid, sersic
+from deeplense_nb.simulate import get_preset, simulate_batch
+from deeplense_nb import lensfit
+from deeplense_nb.lensfit import (fit_smooth_lens, residual_features, residual_classifier, RESIDUAL_FEATURES,
+                                  GEOMETRY_FEATURES)
+
+def _smooth_model_v1(P: dict, x, y, pixel_scale: float) -> torch.Tensor:
+    "Frozen copy of the fitter's model before it moved onto `physics.smooth_lens_image` (own separable PSF)."
+    v = lambda k: P[k].view(-1, 1, 1)
+    q, phi = ellipticity_to_q_phi(P["le1"].clamp(-0.6, 0.6), P["le2"].clamp(-0.6, 0.6))
+    ax, ay = alpha_sie(x, y, theta_E=v("logtE").exp(), q=q.view(-1, 1, 1), phi=phi.view(-1, 1, 1), x0=v("x0"), y0=v("y0"))
+    gx, gy = alpha_shear(x, y, gamma1=v("g1"), gamma2=v("g2"), x0=v("x0"), y0=v("y0"))
+    bx, by = lens_equation(x, y, ax + gx, ay + gy)
+    sq, sphi = ellipticity_to_q_phi(P["se1"].clamp(-0.6, 0.6), P["se2"].clamp(-0.6, 0.6))
+    img = sersic(bx, by, R_e=v("logRe").exp(), n=v("logn").exp().clamp(0.3, 8), q=sq.view(-1, 1, 1),
+                 phi=sphi.view(-1, 1, 1), x0=v("sx"), y0=v("sy"))
+    sig = P["logfwhm"].exp().clamp(0.02, 0.5) / (2 * math.sqrt(2 * math.log(2))) / pixel_scale
+    r = torch.arange(-7, 8, dtype=img.dtype)
+    k = torch.exp(-r[None] ** 2 / (2 * sig[:, None] ** 2)); k = k / k.sum(1, keepdim=True)
+    img = torch.nn.functional.conv2d(img[None], k[:, None, None, :], padding=(0, 7), groups=len(k))
+    img = torch.nn.functional.conv2d(img, k[:, None, :, None], padding=(7, 0), groups=len(k))[0]
+    return v("logamp").exp() * img + v("logsky").exp()
+
+def test_smooth_model_matches_former_model():
+    "The fitter's model, now `physics.smooth_lens_image`, gives the former images (random parameters, incl. clipped ones)."
+    P = lensfit._starts(12, torch.Generator().manual_seed(3))
+    P["le1"] = P["le1"] * 5; P["logfwhm"] = torch.linspace(-4.5, 0.0, 12)   # beyond the clips of |e| and of the FWHM
+    x, y = pixel_grid(100, 0.05)
+    new, old = lensfit._smooth_model(P, x, y, 0.05), _smooth_model_v1(P, x, y, 0.05)
+    assert torch.allclose(new, old, rtol=1e-6, atol=1e-5), float((new - old).abs().max())
+
+def test_fit_unchanged(monkeypatch):
+    "fit_smooth_lens gives the same fit with the physics model as with the former one."
+    x, _, _ = simulate_batch(2, seed=3)
+    new = fit_smooth_lens(x, starts=2, steps=30, refine=20, crop=30)
+    monkeypatch.setattr(lensfit, "_smooth_model", _smooth_model_v1)
+    old = fit_smooth_lens(x, starts=2, steps=30, refine=20, crop=30)
+    for a, b in zip(new, old):
+        for k in a: assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (k, a[k], b[k])
+
+def test_residual_features_see_substructure():
+    "A smooth lens leaves only photon noise behind; a heavy, long vortex leaves coherent residuals."
+    p = get_preset("model_i", vort_mass=3e11, vort_log_ma=(-23.7, -23.7))    # a 1.5" half-length vortex of 3e11 Msun
+    x, y, _ = simulate_batch(2, preset=p, labels=[0, 2], seed=4)
+    f = residual_features(x, starts=3, steps=150, refine=150)
+    assert list(f.columns) == [*RESIDUAL_FEATURES, *GEOMETRY_FEATURES] and np.isfinite(f.values).all()
+    assert f.loc[0, "chi2_ring"] < 1.5 and f.loc[0, "deviance_per_pixel"] < 1.25, f
+    assert f.loc[1, "chi2_ring"] > 2 * f.loc[0, "chi2_ring"], f
+
+def test_residual_features_real_samples(real_samples):
+    "On the real Task I samples the smooth model explains every `no` image to the noise; vortices leave residuals."
+    files = {c: sorted((real_samples / "common_test_I" / c).glob("*.npy")) for c in ("no", "vort")}
+    f = {c: residual_features(np.stack([np.load(p) for p in fs])) for c, fs in files.items()}
+    assert f["no"]["chi2_inner"].max() < 1.5 and f["no"]["chi2_ring"].max() < 1.5, f["no"]
+    assert f["vort"]["chi2_inner"].min() > f["no"]["chi2_inner"].max(), (f["no"], f["vort"])
+
+def test_residual_classifier_contract():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 50)
+    X = np.exp(rng.normal(size=(150, len(RESIDUAL_FEATURES))) * 0.2 + y[:, None] * 0.8)
+    clf = residual_classifier(X, y)
+    assert clf.predict_proba(X).shape == (150, 3) and (clf.predict(X) == y).mean() > 0.9
+    with pytest.raises(DeepLenseError, match="residual_classifier"): residual_classifier(X[:, :3], y)
+    X[0, 0] = np.nan
+    with pytest.raises(DeepLenseError, match="finite"): residual_classifier(X, y)

@@ -1,0 +1,20 @@
+"""The sim-to-real experiment runs headless (`deeplense run sim2real -p quick True`) and writes metrics.json in its schema."""
+import json, math
+from pathlib import Path
+import numpy as np
+from deeplense_nb.core import CLASSES_T1
+
+def test_sim2real_quick(tmp_path, cli):
+    out = tmp_path / "s2r"
+    r = cli("run", "sim2real", "-p", "quick", "True", "--out", out, timeout=900)
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    n_real = len([f for f in Path(m["real_dir"]).rglob("*.npy") if f.parent.name in CLASSES_T1])
+    assert set(m["methods"]) >= {"residual", "cnn"} and m["best_method"] in m["methods"] and m["n_real"] == n_real > 0
+    for name, v in m["methods"].items():
+        assert {"auc_macro", "accuracy", "n", "auc_ci", "confusion"} <= set(v), (name, sorted(v))
+        assert v["n"] == n_real and 0 <= v["auc_macro"] <= 1 and 0 <= v["accuracy"] <= 1
+        assert len(v["auc_ci"]) == 2 and all(math.isfinite(x) and 0 <= x <= 1 for x in v["auc_ci"]) and v["auc_ci"][0] <= v["auc_ci"][1]
+        cm = np.array(v["confusion"]); assert cm.shape == (3, 3) and cm.sum() == n_real
+        assert (out / f"confusion_{name}.png").is_file()
+    assert m["auc_macro"] == m["methods"][m["best_method"]]["auc_macro"] == max(v["auc_macro"] for v in m["methods"].values())
