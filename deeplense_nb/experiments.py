@@ -6,9 +6,18 @@ Docs: https://ml4sci.github.io/deeplense_nb/experiments.html.md"""
 
 # %% ../nbs/11_experiments.ipynb #1ef1a5a4
 from __future__ import annotations
-import ast, itertools, json, os, random, shutil, sys, time
+import ast, hashlib, itertools, json, os, random, shutil, sys, time
 from pathlib import Path
-from .core import DeepLenseError
+import nbformat
+import numpy as np
+import pandas as pd
+import papermill as pm
+import deeplense_nb
+from . import simulate as S
+from .core import DeepLenseError, env_info, get_device
+from .simulate import get_preset, simulate_task1
+from .classify import train_classifier
+from .evaluation import evaluate
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'DEMO_CPU', 'DEMO_GPU', 'experiments_dir', 'experiment_path', 'parse_value', 'notebook_parameters',
@@ -23,7 +32,6 @@ def experiments_dir() -> Path:
     "Folder of the experiment notebooks: `$DEEPLENSE_EXPERIMENTS`, else `nbs/experiments` of the source checkout."
     env = os.environ.get("DEEPLENSE_EXPERIMENTS")
     cands = [Path(env)] if env else []
-    import deeplense_nb
     cands.append(Path(deeplense_nb.__file__).resolve().parent.parent / "nbs" / "experiments")
     for c in cands:
         if (c / "task1.ipynb").exists(): return c
@@ -49,7 +57,6 @@ def parse_value(v: str):
 
 def notebook_parameters(path: str | Path) -> dict:
     "Names and default values of the `parameters` cell of a notebook."
-    import nbformat
     nb = nbformat.read(str(path), as_version=4)
     cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     if not cells: raise DeepLenseError(f"{path} has no cell tagged 'parameters'")
@@ -58,18 +65,29 @@ def notebook_parameters(path: str | Path) -> dict:
     return {k: v for k, v in ns.items() if not k.startswith("_")}
 
 # %% ../nbs/11_experiments.ipynb #38884881
+def _typed(nb: str, key: str, value, default):
+    "`value` checked against the type of the parameter's default (ints may fill float parameters); None defaults take anything."
+    if default is None or value is None or isinstance(value, type(default)): return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool): return float(value)
+    raise DeepLenseError(f"{nb}: parameter {key}={value!r} should be of type {type(default).__name__}, like its default {default!r}.")
+
 def run_experiment(name: str, # one of EXPERIMENTS (or a path to a notebook with a parameters cell)
                    params: dict | None = None, # parameter overrides
                    *, out: str | Path | None = None, # output folder (default runs/NAME-YYYYmmdd-HHMMSS)
-                   kernel: str = "python3", progress: bool = True, log_output: bool = False) -> dict:
+                   kernel: str = "python3", progress: bool = True, log_output: bool = False,
+                   overwrite: bool = False, # run again into an `out` that holds a finished run
+                  ) -> dict:
     "Execute an experiment notebook with papermill into `out`; returns its metrics.json. The executed notebook is kept, also on failure."
-    import papermill as pm
     src = Path(name) if str(name).endswith(".ipynb") else experiment_path(name)
     params = dict(params or {})
     defaults = notebook_parameters(src)
     bad = sorted(set(params) - set(defaults))
     if bad: raise DeepLenseError(f"{src.name}: unknown parameter(s) {bad}; valid: {sorted(defaults)}")
+    params = {k: _typed(src.name, k, v, defaults[k]) for k, v in params.items()}
     out = Path(out or f"runs/{src.stem}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    if out.exists() and not out.is_dir(): raise DeepLenseError(f"--out {out} is a file, not a folder.")
+    if (out / "metrics.json").exists() and not overwrite:
+        raise DeepLenseError(f"{out} already holds a finished run (metrics.json); choose another --out or pass --overwrite.")
     out.mkdir(parents=True, exist_ok=True)
     params["out_dir"] = str(out)
     executed = out / src.name
@@ -103,7 +121,6 @@ def sweep(name: str, space: dict, *, mode: str = "grid", n: int | None = None, s
           base: dict | None = None, # parameters shared by every run
           out: str | Path = "runs/sweep", keys: tuple = ("auc_macro", "auc", "accuracy", "train_time_s")):
     "Run an experiment for every point of `space`; returns a DataFrame of parameters and metrics (also sweep.csv)."
-    import pandas as pd
     rows = []
     for i, pt in enumerate(sweep_points(space, mode=mode, n=n, seed=seed)):
         run_out = Path(out) / f"run{i:03d}"
@@ -119,11 +136,9 @@ def sweep(name: str, space: dict, *, mode: str = "grid", n: int | None = None, s
 # %% ../nbs/11_experiments.ipynb #b26b29c8
 def cached_simulation(kind: str, *, cache: str | Path | None = None, **kw) -> Path:
     "Simulate a dataset once per settings (`kind` = task1, lens-finding or diffusion) and return its folder."
-    from deeplense_nb import simulate as S
     fn = {"task1": S.simulate_task1, "lens-finding": S.simulate_lens_finding, "diffusion": S.simulate_diffusion}
     if kind not in fn: raise DeepLenseError(f"kind={kind!r}; expected one of {sorted(fn)}")
     key = json.dumps({"kind": kind, **{k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in sorted(kw.items())}}, sort_keys=True, default=str)
-    import hashlib
     cache = Path(cache or os.environ.get("DEEPLENSE_CACHE", Path.home() / ".cache" / "deeplense_nb"))
     d = cache / f"{kind}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
     if (d / "manifest.json").exists(): return d
@@ -151,10 +166,11 @@ def _cli_run(p):
                    help="set a parameter of the notebook's parameters cell (repeatable), e.g. -p epochs 20 -p quick True")
     p.add_argument("--out", default=None, help="output folder (default runs/NAME-TIMESTAMP)")
     p.add_argument("--kernel", default="python3", help="Jupyter kernel name (default python3)")
+    p.add_argument("--overwrite", action="store_true", help="run again into an --out that holds a finished run")
     def run(a):
         params = {k: parse_value(v) for k, v in a.param}
         t0 = time.time()
-        m = run_experiment(a.name, params, out=a.out, kernel=a.kernel)
+        m = run_experiment(a.name, params, out=a.out, kernel=a.kernel, overwrite=a.overwrite)
         head = {k: m[k] for k in ("auc_macro", "auc", "average_precision", "accuracy", "fid") if isinstance(m.get(k), (int, float))}
         out = Path(m.get("out_dir", a.out or "."))
         print(f"deeplense run {a.name}: done in {time.time() - t0:.0f}s; " + ", ".join(f"{k}={v:.4f}" for k, v in head.items()))
@@ -164,8 +180,6 @@ def _cli_run(p):
 # %% ../nbs/11_experiments.ipynb #2e70343b
 def cross_validate(data, *, folds: int = 5, out: str | Path = "runs/cv", **train_kw) -> dict:
     "k-fold cross-validation with `train_classifier`: per-fold metrics and mean +- std of AUC and accuracy."
-    import numpy as np
-    from deeplense_nb.classify import train_classifier
     if folds < 2: raise DeepLenseError(f"folds={folds}: cross-validation needs at least 2 folds")
     per = []
     for f in range(folds):
@@ -184,10 +198,6 @@ DEMO_GPU = dict(preset="model_i", n_train=30000, n_val=7500, model="resnet18", e
 
 def run_demo(out: str | Path = "demo_out", *, device: str = "auto", seed: int = 0, **overrides) -> dict:
     "Simulate -> train -> evaluate -> report, printing each step; returns the evaluation metrics."
-    from deeplense_nb.core import get_device, env_info
-    from deeplense_nb.simulate import simulate_task1, get_preset
-    from deeplense_nb.classify import train_classifier
-    from deeplense_nb.evaluation import evaluate
     dev = get_device(device)
     cfg = {**(DEMO_GPU if dev.type == "cuda" else DEMO_CPU), **overrides}
     out = Path(out); out.mkdir(parents=True, exist_ok=True)

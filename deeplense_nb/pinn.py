@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from .core import CLASSES_T1, Config, DeepLenseError, get_device, seed_everything
 from .checkpoint import register_builder
-from .simulate import MANIFEST, load_truth
+from .simulate import MANIFEST, load_truth, simulate_batch
+from .models import create_model
 from .physics import (pixel_grid, alpha_sie, alpha_sis, alpha_shear, alpha_sie_shear, lens_equation,
                                   ellipticity_to_q_phi, q_phi_to_ellipticity)
 
@@ -27,8 +28,7 @@ from .physics import (pixel_grid, alpha_sie, alpha_sis, alpha_shear, alpha_sie_s
 __all__ = ['LENS_PARAMS', 'PROFILES', 'PARAM_SCALES', 'PINN_KINDS', 'MODEL_KINDS', 'INPUT_NORMS', 'param_names',
            'truth_to_params', 'LensParamBounds', 'LensParamHead', 'deflection', 'trace', 'splat', 'relens',
            'LensEquationLayer', 'standardize_images', 'PlainNet', 'TwoHeadNet', 'LensiformerNet', 'create_pinn',
-           'physics_weight', 'truth_loss', 'PhysicsObjective', 'create_physics_objective', 'TruthDataset', 'auc_scores',
-           'compare_physics', 'physics_summary', 'plot_theta_E_scatter', 'plot_lensing']
+           'physics_weight', 'truth_loss', 'PhysicsObjective', 'create_physics_objective', 'TruthDataset']
 
 # %% ../nbs/09_pinn.ipynb #74472688
 LENS_PARAMS = ("theta_E", "x0", "y0", "e1", "e2", "gamma1", "gamma2")
@@ -263,7 +263,6 @@ class PlainNet(_Backbones):
     def __init__(self, *, backbone: str = "resnet18", in_chans: int = 1, num_classes: int = 3,
                  backbone_kw: dict | None = None, input_norm: str | None = "image", drop_rate: float = 0.0):
         super().__init__()
-        from deeplense_nb.models import create_model
         self._init_common(backbone, num_classes, input_norm)
         self.image_backbone = create_model(backbone, in_chans=in_chans, num_classes=0, **(backbone_kw or {}))
         self.num_features = self.image_backbone.num_features
@@ -307,7 +306,6 @@ class TwoHeadNet(_PinnBase):
                  drop_rate: float = 0.0, # dropout before the classification head
                 ):
         super().__init__()
-        from deeplense_nb.models import create_model
         self._init_common(backbone, num_classes, input_norm)
         self.image_backbone = create_model(backbone, in_chans=in_chans, num_classes=0, **(backbone_kw or {}))
         nf = self.num_features = self.image_backbone.num_features
@@ -345,7 +343,6 @@ class LensiformerNet(_PinnBase):
                  drop_rate: float = 0.0,
                 ):
         super().__init__()
-        from deeplense_nb.models import create_model
         self._init_common(backbone, num_classes, input_norm)
         self.image_backbone = create_model(backbone, in_chans=in_chans, num_classes=0, **(backbone_kw or {}))
         self.source_backbone = create_model(src_backbone or backbone, in_chans=in_chans, num_classes=0, **(backbone_kw or {}))
@@ -504,7 +501,6 @@ class TruthDataset(torch.utils.data.Dataset):
     def simulate(cls, n: int, # number of images (labels cycle through the classes)
                  *, preset: str = "model_i", seed: int = 0, device: str = "cpu", split: str = "mem") -> TruthDataset:
         "Simulate `n` images with `deeplense_nb.simulate.simulate_batch` and keep their truth."
-        from deeplense_nb.simulate import simulate_batch
         x, y, t = simulate_batch(n, preset=preset, seed=seed, device=device, split=split)
         return cls(x.cpu(), y, t)
 
@@ -542,203 +538,3 @@ class TruthDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         src = "memory" if isinstance(self.images, Tensor) else "files"
         return f"TruthDataset(n={len(self)}, classes={list(self.classes)}, from={src}, with_truth={self.with_truth})"
-
-# %% ../nbs/09_pinn.ipynb #be167aa9
-def _loader(ds, batch_size, shuffle, seed, num_workers=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=num_workers)
-
-@torch.no_grad()
-def _evaluate(model: nn.Module, dl, device) -> dict:
-    "Softmax probabilities, targets, mean CE and, for physics models, lens parameters, truth and consistency."
-    was = model.training; model.eval()
-    probs, ys, ce, params, truth, cons, comp = [], [], 0.0, [], [], [], []
-    for batch in dl:
-        x, y = batch[0].to(device), batch[1].to(device)
-        if hasattr(model, "forward_all"):
-            o = model.forward_all(x, lensing=True); logits = o["logits"]
-            params.append(o["params"].float().cpu()); cons.append(LensEquationLayer.consistency(x, o["relensed"]).cpu())
-            comp.append(LensEquationLayer.compactness(x, o["beta_x"], o["beta_y"]).cpu())
-        else: logits = model(x)
-        ce += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-        probs.append(torch.softmax(logits.float(), 1).cpu()); ys.append(y.cpu())
-        if len(batch) > 2: truth.append(batch[2].float())
-    model.train(was)
-    out = {"probs": torch.cat(probs).numpy(), "targets": torch.cat(ys).numpy()}
-    out["ce"] = ce / len(out["targets"])
-    if params:
-        out["params"], out["consistency"] = torch.cat(params).numpy(), float(torch.cat(cons).mean())
-        out["compactness"] = float(torch.cat(comp).mean())
-    if truth: out["truth"] = torch.cat(truth).numpy()
-    if params and truth: out["theta_E_mae"] = float(np.abs(out["params"][:, 0] - out["truth"][:, 0]).mean())
-    return out
-
-def auc_scores(probs: np.ndarray, # (N, K) probabilities
-               targets: np.ndarray, # (N,) integer labels, every class present
-               classes: Sequence[str], # class names, for the keys
-              ) -> dict:
-    "ROC-AUC one-vs-rest per class and their mean (macro), via sklearn."
-    from sklearn.metrics import roc_auc_score
-    present = set(np.unique(targets).tolist())
-    if present != set(range(len(classes))):
-        raise DeepLenseError(f"AUC needs every class in the validation labels; found {sorted(present)} of {len(classes)} classes.")
-    per = {f"auc_{c}": float(roc_auc_score(targets == i, probs[:, i])) for i, c in enumerate(classes)} if len(classes) > 2 \
-        else {f"auc_{classes[1]}": float(roc_auc_score(targets, probs[:, 1]))}
-    return {"auc_macro": float(np.mean(list(per.values()))), **per}
-
-def _bootstrap(probs: dict, targets, classes, n_boot=200, seed=0) -> dict:
-    "Stratified bootstrap over the validation images: 95% intervals of each model's macro AUC and of its difference to 'plain'."
-    rng = np.random.default_rng(seed)
-    groups = [np.flatnonzero(targets == k) for k in range(len(classes))]
-    stats = {n: [] for n in probs}
-    for _ in range(n_boot):
-        i = np.concatenate([rng.choice(g, len(g)) for g in groups])
-        for n, p in probs.items(): stats[n].append(auc_scores(p[i], targets[i], classes)["auc_macro"])
-    iv = lambda d: {"low": float(np.quantile(d, 0.025)), "high": float(np.quantile(d, 0.975)), "std": float(np.std(d))}
-    out = {"auc": {n: iv(np.asarray(v)) for n, v in stats.items()}}
-    out["diff"] = {n: iv(np.asarray(v) - np.asarray(stats["plain"])) for n, v in stats.items() if n != "plain"}
-    return out
-
-def compare_physics(train: TruthDataset, # training samples (x, y, truth)
-                    valid: TruthDataset, # validation samples (x, y, truth)
-                    *, kinds: Sequence[str] = ("twohead", "lensiformer"), # physics models to train
-                    backbone: str = "resnet18", # registry backbone shared by every model
-                    backbone_kw: dict | None = None, # extra `create_model` settings
-                    input_norm: str | None = "image", # backbone input normalisation, the same for every model
-                    epochs: int = 10, batch_size: int = 64, lr: float = 1e-3, wd: float = 1e-2,
-                    seed: int = 0, device: str = "auto",
-                    w_max: float = 1.0, k: float = 1.0, # physics-weight schedule (see `physics_weight`)
-                    e0: float | None = None, # schedule midpoint, epochs (default: epochs / 3)
-                    truth_weight: float = 0.0, # weight of the truth loss on the lens parameters (simulated data)
-                    compact_weight: float = 1.0, # weight of the compactness inside the physics loss
-                    model_kw: dict | None = None, # extra `create_pinn` settings (profile, src_npix, ...)
-                    n_boot: int = 200, # paired bootstrap resamples for the AUC difference
-                    validate_each_epoch: bool = False, # also let the Learner validate every epoch (history)
-                    progress: bool = False, # show the Learner's progress output
-                   ) -> dict:
-    "Train the plain backbone and each physics model on the same data, seed and budget; AUCs, losses and theta_E."
-    from deeplense_nb.training import Learner
-    import pandas as pd
-    for kd in kinds: _choice("kind", kd, PINN_KINDS)
-    if len(train) == 0 or len(valid) == 0: raise DeepLenseError("compare_physics needs non-empty train and valid sets.")
-    classes = tuple(getattr(train, "classes", CLASSES_T1))
-    dev = get_device(device)
-    x0 = train[0][0]
-    in_chans = int(x0.shape[0])
-    e0 = epochs / 3 if e0 is None else e0
-    valid_dl = _loader(valid, batch_size, False, seed)
-    rows, res = [], {"models": {}, "eval": {}, "history": {}, "theta_E": {}}
-    torch.optim.AdamW([nn.Parameter(torch.zeros(1))])  # first optimizer of a process imports torch._dynamo: not the first model's time
-    for name in ("plain", *kinds):
-        seed_everything(seed)
-        data = train.without_truth() if name == "plain" and hasattr(train, "without_truth") else train
-        train_dl = _loader(data, batch_size, True, seed)
-        if name == "plain":
-            model = create_pinn("plain", backbone=backbone, in_chans=in_chans, num_classes=len(classes),
-                                backbone_kw=backbone_kw, input_norm=input_norm)
-            objective, loss_func = model, nn.CrossEntropyLoss()
-        else:
-            model = create_pinn(name, backbone=backbone, in_chans=in_chans, num_classes=len(classes),
-                                backbone_kw=backbone_kw, input_norm=input_norm, **(model_kw or {}))
-            objective = PhysicsObjective(model, w_max=w_max, k=k, e0=e0, truth_weight=truth_weight,
-                                         compact_weight=compact_weight, steps_per_epoch=len(train_dl))
-            loss_func = None
-        model.to(dev)
-        start = _evaluate(model, _loader(train, batch_size, False, seed), dev)
-        vdl = None if not validate_each_epoch else _loader(
-            valid.without_truth() if name == "plain" and hasattr(valid, "without_truth") else valid, batch_size, False, seed)
-        learn = Learner(objective, train_dl, vdl, loss_func=loss_func, lr=lr, wd=wd, device=str(dev), progress=progress)
-        t0 = time.time(); learn.fit(epochs); secs = time.time() - t0
-        model.eval()
-        end = _evaluate(model, _loader(train, batch_size, False, seed), dev)
-        ev = _evaluate(model, valid_dl, dev)
-        row = {"model": name, **auc_scores(ev["probs"], ev["targets"], classes),
-               "accuracy": float((ev["probs"].argmax(1) == ev["targets"]).mean()),
-               "train_ce_start": start["ce"], "train_ce_end": end["ce"], "valid_ce": ev["ce"]}
-        if "params" in ev:
-            row.update({"train_consistency_start": start["consistency"], "train_consistency_end": end["consistency"],
-                        "valid_consistency": ev["consistency"], "valid_compactness": ev["compactness"]})
-        if "theta_E_mae" in ev:
-            row.update({"train_theta_E_mae_start": start["theta_E_mae"], "train_theta_E_mae_end": end["theta_E_mae"],
-                        "valid_theta_E_mae": ev["theta_E_mae"]})
-            res["theta_E"][name] = {"true": ev["truth"][:, 0], "pred": ev["params"][:, 0]}
-        row.update({"train_s": secs, "params_M": sum(p.numel() for p in model.parameters()) / 1e6})
-        rows.append(row)
-        res["models"][name], res["eval"][name] = model, ev
-        res["history"][name] = getattr(learn, "history", None)
-    table = pd.DataFrame(rows).set_index("model")
-    res["table"] = table
-    res["bootstrap"] = _bootstrap({n: e["probs"] for n, e in res["eval"].items()}, res["eval"]["plain"]["targets"],
-                                  classes, n_boot=n_boot, seed=seed)
-    res["config"] = {"kinds": list(kinds), "backbone": backbone, "backbone_kw": backbone_kw, "input_norm": input_norm, "epochs": epochs,
-                     "batch_size": batch_size, "lr": lr, "wd": wd, "seed": seed, "device": str(dev), "w_max": w_max,
-                     "k": k, "e0": e0, "truth_weight": truth_weight, "compact_weight": compact_weight, "model_kw": model_kw,
-                     "n_train": len(train), "n_valid": len(valid), "classes": list(classes)}
-    return res
-
-def physics_summary(res: dict) -> str:
-    "Honest sentences about physics vs no physics, generated from the numbers of a `compare_physics` result."
-    t, n, bs = res["table"], res["config"]["n_valid"], res["bootstrap"]
-    base = t.loc["plain", "auc_macro"]
-    chance = [m for m in t.index if bs["auc"][m]["low"] <= 0.5]
-    out = []
-    if chance: out.append(f"Not distinguishable from chance (95% interval of the macro AUC reaches 0.5): {', '.join(chance)}"
-                          + (" — with every model at chance level the comparison says nothing yet." if len(chance) == len(t) else "."))
-    for kd in res["config"]["kinds"]:
-        a, b = t.loc[kd, "auc_macro"], bs["diff"][kd]
-        d = a - base
-        sig = b["low"] > 0 or b["high"] < 0
-        verdict = (f"physics helped, by {d:+.3f} macro AUC" if d > 0 else f"physics hurt, by {d:+.3f} macro AUC") if sig \
-            else "no significant difference"
-        out.append(f"{kd}: macro AUC {a:.3f} vs {base:.3f} for the plain {res['config']['backbone']} "
-                   f"({d:+.3f}; 95% paired-bootstrap interval {b['low']:+.3f} to {b['high']:+.3f} on {n} validation images)"
-                   f" -> {verdict}.")
-    return "\n".join(out)
-
-def plot_theta_E_scatter(res: dict, # `compare_physics` result (or {name: {"true", "pred"}})
-                         *, ax=None):
-    "Recovered vs true Einstein radius for each physics model, with the identity line and the mean absolute error."
-    import matplotlib.pyplot as plt
-    data = res.get("theta_E", res)
-    if not data: raise DeepLenseError("no Einstein-radius data: train a physics model on a TruthDataset first.")
-    if ax is None: _, ax = plt.subplots(figsize=(4, 4))
-    lo, hi = np.inf, -np.inf
-    for name, d in data.items():
-        tr, pr = np.asarray(d["true"]), np.asarray(d["pred"])
-        ax.scatter(tr, pr, s=10, alpha=0.6, label=f"{name} (MAE {np.abs(pr - tr).mean():.3f}\")")
-        lo, hi = min(lo, tr.min(), pr.min()), max(hi, tr.max(), pr.max())
-    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-    ax.set_xlabel(r"true $\theta_E$ (arcsec)"); ax.set_ylabel(r"predicted $\theta_E$ (arcsec)"); ax.legend(fontsize=8)
-    return ax
-
-
-@torch.no_grad()
-def plot_lensing(model: nn.Module, # a `create_pinn` model (or its `PhysicsObjective`)
-                 x: Tensor, # images (B, C, H, W)
-                 *, n: int = 4, # rows to show
-                 truth: Tensor | None = None, # (B, 7) true lens parameters: also reconstruct with them, for comparison
-                ):
-    "Observed image, source reconstructed with the model's predicted lens, re-lensed image and residual, per row."
-    import matplotlib.pyplot as plt
-    m = getattr(model, "model", model)
-    if not hasattr(m, "forward_all"): raise DeepLenseError(f"plot_lensing needs a create_pinn model; got {type(m).__name__}.")
-    was = m.training; m.eval()
-    dev = next(m.parameters()).device
-    x = x[:n].to(dev); o = m.forward_all(x, lensing=True); m.train(was)
-    res = LensEquationLayer.consistency(x, o["relensed"]).cpu()
-    cols = [("observed", x), ("source (predicted lens)", o["source"]), ("re-lensed", o["relensed"]), ("residual", x - o["relensed"])]
-    if truth is not None:
-        idx = [LENS_PARAMS.index(k) for k in m.param_names]
-        cols.insert(2, ("source (true lens)", m.layer(x, truth[:n, idx].to(dev))["source"]))
-    fig, axs = plt.subplots(len(x), len(cols), figsize=(2.4 * len(cols), 2.4 * len(x)), squeeze=False)
-    for i in range(len(x)):
-        for j, (name, im) in enumerate(cols):
-            a = axs[i, j]; r = name == "residual"
-            a.imshow(im[i, 0].float().cpu(), origin="lower", cmap="RdBu_r" if r else "magma", **({"vmin": -0.3, "vmax": 0.3} if r else {}))
-            a.set_xticks([]); a.set_yticks([])
-            title = name if i == 0 else ""
-            if j == 0: title = f"{title}\n" * bool(title) + f"theta_E {float(o['params'][i, 0]):.2f}\""
-            if r: title = (title + "\n" if title else "") + f"{float(res[i]):.1%}"
-            a.set_title(title, fontsize=8)
-    plt.tight_layout()
-    return fig

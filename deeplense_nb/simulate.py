@@ -314,6 +314,13 @@ def _check_out(out: Path, overwrite: bool):
     if not (out / MANIFEST).exists() and not any(out.glob("*/*.npy")) and not any(out.glob("*/*/*.npy")):
         raise DeepLenseError(f"refusing to overwrite {out}: it does not look like a simulated dataset")
 
+def _check_counts(**counts):
+    "Image counts must be whole numbers >= 0 and not all zero."
+    for k, v in counts.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise DeepLenseError(f"{k}={v!r}: expected a whole number of images >= 0.")
+    if not any(counts.values()): raise DeepLenseError("nothing to simulate: " + ", ".join(f"{k}={v}" for k, v in counts.items()) + ".")
+
 # %% ../nbs/02_simulate.ipynb #359e529d
 def _same_file(fd: int, path: Path) -> bool:
     try: return os.fstat(fd).st_ino == os.stat(path).st_ino
@@ -367,6 +374,7 @@ def simulate_task1(out: str | Path, *, n_train: int = 30_000, # images in train/
                    batch_size: int = 128, overwrite: bool = False, progress: bool = True) -> dict:
     "Simulate a Task I dataset `out/{train,val}/{no,sphere,vort}/N.npy` + manifest; returns the manifest."
     if dtype not in ("float64", "float32"): raise DeepLenseError(f"dtype={dtype!r}; expected 'float64' or 'float32'")
+    _check_counts(n_train=n_train, n_val=n_val)
     p = get_preset(preset); t0 = time.time()
     counts, rows, jobs = {}, [], []
     for split, n in (("train", n_train), ("val", n_val)):
@@ -397,6 +405,7 @@ def simulate_lens_finding(out: str | Path, *, n_train_lenses: int = 1730, n_test
     n = dict(train_lenses=n_train_lenses, test_lenses=n_test_lenses,
              train_nonlenses=n_train_lenses * p.train_ratio if n_train_nonlenses is None else n_train_nonlenses,
              test_nonlenses=n_test_lenses * p.test_ratio if n_test_nonlenses is None else n_test_nonlenses)
+    _check_counts(**{f"n_{k}": v for k, v in n.items()})
     rows, t0 = [], time.time()
     with _writing(out, overwrite) as d, tqdm(total=sum(n.values()), desc="simulate lens_finding", unit="img", disable=not progress) as bar:
         for folder, k in n.items():
@@ -412,6 +421,7 @@ def simulate_lens_finding(out: str | Path, *, n_train_lenses: int = 1730, n_test
 def simulate_diffusion(out: str | Path, *, n: int = 10_000, seed: int = 0, preset: str | SimPreset = "diffusion",
                        device="cpu", batch_size: int = 128, overwrite: bool = False, progress: bool = True) -> dict:
     "Simulate a Task IV set `out/Samples/sample{i}.npy` ((1,150,150) float64 in [0,1], classes mixed) + manifest."
+    _check_counts(n=n)
     p = get_preset(preset); rows, t0 = [], time.time()
     with _writing(out, overwrite) as d, tqdm(total=n, desc="simulate diffusion", unit="img", disable=not progress) as bar:
         (d / "Samples").mkdir()

@@ -166,7 +166,7 @@ def test_truth_dataset_from_simulated_folder(tmp_path):
 def test_compare_physics_tiny():
     "The comparison runs end to end on a tiny set and reports AUCs and Einstein radii for every model."
     pytest.importorskip("deeplense_nb.training")
-    from deeplense_nb.pinn import compare_physics, physics_summary
+    from deeplense_nb.pinn_compare import compare_physics, physics_summary
     tr, va = TruthDataset.simulate(18, seed=2, split="train"), TruthDataset.simulate(12, seed=2, split="val")
     res = compare_physics(tr, va, kinds=("twohead",), backbone=BACKBONE, epochs=1, batch_size=9, device="cpu",
                           truth_weight=1.0, n_boot=20)
