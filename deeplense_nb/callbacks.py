@@ -35,6 +35,7 @@ def amp_dtype(device: torch.device | str, # the training device
                              "would be slower than fp32. Train without MixedPrecision, or pass 'bf16' to emulate it anyway.")
     return dt
 
+# %% ../nbs/06a_callbacks.ipynb #4ce4da43
 class MixedPrecision(Callback):
     "Autocast forward+loss to bf16/fp16; with fp16 scale the loss with a GradScaler and skip steps with inf/NaN gradients."
     order = 20
@@ -114,6 +115,7 @@ class GradientAccumulation(Callback):
         if (L.iter + 1) % self.n_acc and L.iter + 1 < L.n_iter: raise CancelBatchException()
     def __repr__(self): return f"GradientAccumulation({self.n_acc})"
 
+# %% ../nbs/06a_callbacks.ipynb #8b7b3664
 class GradientClip(Callback):
     "Clip the global gradient norm to `max_norm` before each optimizer step (after AMP unscaling)."
     order = 30
@@ -150,6 +152,7 @@ class Scheduler(Callback):
                                  f"{self.total}; resume with the original number of epochs (and batch size).")
         self.sched.load_state_dict(s["sched"])
 
+# %% ../nbs/06a_callbacks.ipynb #9d0b0612
 def warmup_cosine(step: int, # optimizer steps taken so far
                   *, total: int, # all steps of the run
                   warmup: int, # warm-up steps
@@ -160,6 +163,7 @@ def warmup_cosine(step: int, # optimizer steps taken so far
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
+# %% ../nbs/06a_callbacks.ipynb #1ca33181
 class OneCycle(Scheduler):
     "One-cycle schedule (`OneCycleLR`), stepped per batch."
     def __init__(self, *, pct_start: float = 0.25, div_factor: float = 25., final_div_factor: float = 1e4,
@@ -173,6 +177,7 @@ class OneCycle(Scheduler):
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.learn.lr, total_steps=total, pct_start=pct,
                                                    div_factor=self.div_factor, final_div_factor=self.final_div_factor, cycle_momentum=cm)
 
+# %% ../nbs/06a_callbacks.ipynb #c3c5ff55
 class CosineWarmup(Scheduler):
     "Linear warm-up then cosine decay (`warmup_cosine`), per batch or per epoch."
     def __init__(self, *, warmup: float = 0.05, # warm-up steps, or a fraction of all steps when < 1
@@ -190,6 +195,7 @@ class StepSchedule(Scheduler):
     def __init__(self, step_size: int = 10, gamma: float = 0.1): self.step_size, self.gamma = step_size, gamma
     def make(self, opt, total): return torch.optim.lr_scheduler.StepLR(opt, self.step_size, self.gamma)
 
+# %% ../nbs/06a_callbacks.ipynb #44106b12
 class PlateauSchedule(Scheduler):
     "Reduce the learning rate by `factor` when `monitor` stops improving for `patience` epochs (`ReduceLROnPlateau`)."
     interval = "epoch"
@@ -321,6 +327,7 @@ class LRFinder(Callback):
         self.lrs.append(self.lr); self.losses.append(smooth); self.best = min(self.best, smooth); self.i += 1
         if self.i >= self.num_it or (self.stop_div and (smooth > 4 * self.best or not math.isfinite(smooth))): raise CancelFitException()
 
+# %% ../nbs/06a_callbacks.ipynb #8c69f854
 def _valley(lrs, losses) -> int:
     n = len(losses); lds = [1] * n; start = end = 0
     for i in range(1, n):
@@ -336,6 +343,7 @@ def _steepest(lrs, losses) -> int:
     g = np.gradient(np.asarray(losses[:k]), np.log(np.asarray(lrs[:k])))
     return int(np.argmin(g))
 
+# %% ../nbs/06a_callbacks.ipynb #ccd53654
 @dataclass
 class LRFindResult:
     "Learning rates and smoothed losses of an `lr_find` sweep, with the suggested learning rate."
@@ -358,6 +366,7 @@ class LRFindResult:
 
     def __repr__(self): return f"LRFindResult(suggestion={self.suggestion:.3g}, method={self.method!r}, n={len(self.lrs)})"
 
+# %% ../nbs/06a_callbacks.ipynb #e90e3730
 @patch
 def lr_find(self: Learner, *, start_lr: float = 1e-7, end_lr: float = 10., # sweep range
             num_it: int = 100, # batches in the sweep (at most)

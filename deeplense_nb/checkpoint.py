@@ -49,6 +49,7 @@ def _pack(o, tensors: dict, key: str):
         return {"__items__": [[_pack(k, tensors, f"{key}.k{i}"), _pack(v, tensors, f"{key}.{i}")] for i, (k, v) in enumerate(o.items())]}
     raise TypeError(f"cannot checkpoint a {type(o).__name__} (at {key}); use tensors, arrays, numbers, strings, lists and dicts.")
 
+# %% ../nbs/03a_checkpoint.ipynb #79816bac
 def _unpack(o, tensors: dict):
     "Inverse of `_pack`."
     if isinstance(o, list): return [_unpack(v, tensors) for v in o]
@@ -88,6 +89,7 @@ def _read_header(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {str(path)!r} is incomplete or corrupt ({type(e).__name__}: {e}): "
                               "it was cut short (an interrupted copy, download or write) or is not a checkpoint.") from None
 
+# %% ../nbs/03a_checkpoint.ipynb #8643f304
 def checkpoint_meta(path: str | Path, # a checkpoint file written by `save_checkpoint`
                    ) -> dict:
     "The checkpoint's `meta` document, read from the file header only (no tensors are loaded)."
@@ -175,6 +177,7 @@ def _builder(name, source: str) -> tuple[Callable, Callable | None]:
     if name not in _BUILDERS: raise CheckpointError(f"builder {name!r} was not registered by {_PACKAGE_BUILDERS[name]}.")
     return _BUILDERS[name]
 
+# %% ../nbs/03a_checkpoint.ipynb #f6527955
 def build_model(model_config: dict, # {"builder": NAME, "kwargs": {...}} as recorded in a checkpoint
                 *, source: str = "model_config", # where the config came from, for messages
                ) -> nn.Module:
@@ -224,6 +227,7 @@ def _run_file(p: Path) -> Path:
     if not found: raise CheckpointError(f"run folder {str(p)!r} has no best.ckpt or last.ckpt.")
     return found[0]
 
+# %% ../nbs/03a_checkpoint.ipynb #dbc87ed1
 def load_model(ckpt: str | Path, # checkpoint file, or a run folder (uses best.ckpt, else last.ckpt)
                *, device: str | torch.device = "cpu",
                weights: str = "auto", # "auto" (EMA weights when present), "model" or "ema"

@@ -31,6 +31,7 @@ def subcommand(name: str, help: str):
         return f
     return deco
 
+# %% ../nbs/10_cli.ipynb #9e621efd
 def available_commands() -> dict:
     "Commands whose module is installed: {name: help}."
     out = {}
@@ -95,6 +96,7 @@ def _command_parser(name: str) -> argparse.ArgumentParser:
     sp.set_defaults(_run=_builder(name)(sp), command=name)
     return sp
 
+# %% ../nbs/10_cli.ipynb #8ca96383
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `deeplense` console script; returns the exit status."
     from deeplense_nb.core import DeepLenseError

@@ -46,6 +46,7 @@ _DEVICES = ("auto", "cpu", "cuda", "mps")
 def _mps_ok() -> bool:
     return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
+# %% ../nbs/00_core.ipynb #7fe9f8ea
 def get_device(device: str | torch.device | None = "auto", # "auto", "cpu", "cuda", "cuda:N" or "mps"
               ) -> torch.device:
     "Resolve `device` to a `torch.device`; `auto` picks CUDA, then MPS, then CPU. Raises if the device is unavailable."
@@ -123,6 +124,7 @@ def _to_jsonable(v: Any) -> Any:
     if isinstance(v, torch.dtype): return str(v).replace("torch.", "")
     return v
 
+# %% ../nbs/00_core.ipynb #546cf139
 @dataclass
 class Config:
     "Base for dataclass configs that round-trip through dicts and JSON."
@@ -167,6 +169,7 @@ class Config:
         except json.JSONDecodeError as e: raise ConfigError(f"{s if s != text else 'JSON text'}: not valid JSON ({e}).") from None
         return cls.from_dict(d, strict=strict)
 
+# %% ../nbs/00_core.ipynb #2433843c
 def pid_alive(pid: int) -> bool:
     "Whether process `pid` still runs (on Windows: always assumed, never probed)."
     if os.name == "nt": return True  # os.kill(pid, 0) would signal the process there
@@ -183,6 +186,7 @@ def fsync_dir(d: str | Path) -> None:
         finally: os.close(fd)
     except OSError: pass
 
+# %% ../nbs/00_core.ipynb #0f113603
 def atomic_write(path: str | Path, write, # `write(tmp_path)` writes the whole content to the temporary file
                 ) -> Path:
     "Write a file through a temporary file, fsync and `os.replace`, so readers never see half a file; the temporary file goes on failure."
@@ -206,6 +210,7 @@ def _json_arg(s: str):
     try: return json.loads(s)
     except json.JSONDecodeError as e: raise argparse.ArgumentTypeError(f"expected JSON, e.g. '{{\"gamma\": 2}}' ({e})") from None
 
+# %% ../nbs/00_core.ipynb #208c1d05
 def add_config_arguments(cls, # a `Config` dataclass
                          p: argparse.ArgumentParser, *, skip: Sequence[str] = (), # fields that get no flag
                          choices: dict | None = None, types: dict | None = None, # per-field argparse choices / type

@@ -71,6 +71,7 @@ def _typed(nb: str, key: str, value, default):
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool): return float(value)
     raise DeepLenseError(f"{nb}: parameter {key}={value!r} should be of type {type(default).__name__}, like its default {default!r}.")
 
+# %% ../nbs/11_experiments.ipynb #f3065899
 def run_experiment(name: str, # one of EXPERIMENTS (or a path to a notebook with a parameters cell)
                    params: dict | None = None, # parameter overrides
                    *, out: str | Path | None = None, # output folder (default runs/NAME-YYYYmmdd-HHMMSS)
@@ -104,6 +105,7 @@ def run_experiment(name: str, # one of EXPERIMENTS (or a path to a notebook with
     m.setdefault("wall_time_s", time.time() - t0)
     return m
 
+# %% ../nbs/11_experiments.ipynb #ae58d0df
 class ExperimentFailed(DeepLenseError):
     "An experiment notebook raised; the executed notebook with the traceback is kept."
 
@@ -117,6 +119,7 @@ def sweep_points(space: dict, *, mode: str = "grid", n: int | None = None, seed:
     rng = random.Random(seed)
     return [dict((k, rng.choice(space[k])) for k in keys) for _ in range(n or len(grid))]
 
+# %% ../nbs/11_experiments.ipynb #508b7f72
 def sweep(name: str, space: dict, *, mode: str = "grid", n: int | None = None, seed: int = 0,
           base: dict | None = None, # parameters shared by every run
           out: str | Path = "runs/sweep", keys: tuple = ("auc_macro", "auc", "accuracy", "train_time_s")):
@@ -150,6 +153,7 @@ def cached_simulation(kind: str, *, cache: str | Path | None = None, **kw) -> Pa
     os.replace(tmp, d)
     return d
 
+# %% ../nbs/11_experiments.ipynb #19e656c4
 def task1_data(data_dir: str | None = None, *, n_train: int = 3000, n_val: int = 750, seed: int = 0,
                preset: str = "model_i", cache=None) -> Path:
     "The Task I data folder: `data_dir` when given (checked), else a cached simulated Model I set."
@@ -196,6 +200,7 @@ def cross_validate(data, *, folds: int = 5, out: str | Path = "runs/cv", **train
 DEMO_CPU = dict(preset="deeplensesim_recipe", n_train=4500, n_val=750, model="lensnet", epochs=10, batch_size=16, lr=2e-3)
 DEMO_GPU = dict(preset="model_i", n_train=30000, n_val=7500, model="resnet18", epochs=20, batch_size=128, lr=2e-3)
 
+# %% ../nbs/11_experiments.ipynb #466bd3df
 def run_demo(out: str | Path = "demo_out", *, device: str = "auto", seed: int = 0, **overrides) -> dict:
     "Simulate -> train -> evaluate -> report, printing each step; returns the evaluation metrics."
     dev = get_device(device)
@@ -229,6 +234,7 @@ def run_demo(out: str | Path = "demo_out", *, device: str = "auto", seed: int = 
     say(f"report: {out / 'report' / 'report.md'} (metrics.json, roc.png, confusion_matrix.png, history.png); total {time.time() - t_all:.0f}s")
     return m
 
+# %% ../nbs/11_experiments.ipynb #d79e6f69
 def _cli_demo(p):
     p.add_argument("--out", default="demo_out", help="output folder for data, checkpoints and the report")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (cuda scales the demo up)")

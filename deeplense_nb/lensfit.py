@@ -112,6 +112,7 @@ def fit_smooth_lens(images, # (B, 1, H, W) or (B, H, W) min-max images of normal
 RESIDUAL_FEATURES = ("deviance_per_pixel", "chi2_inner", "chi2_ring", "chi2_outer")
 GEOMETRY_FEATURES = ("lens_e2_abs", "centre_offset")
 
+# %% ../nbs/02a_lensfit.ipynb #1cdf8f33
 def residual_features(images, # (B, 1, H, W) or (B, H, W) Task I-like images (see `fit_smooth_lens`)
                       *, pixel_scale: float = 0.05, # arcsec per pixel
                       smooth: float = 1.5, # Gaussian smoothing of the residuals, pixels (substructure residuals are coherent)

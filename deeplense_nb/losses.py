@@ -34,6 +34,7 @@ def _check_reduction(reduction):
     if reduction not in _REDUCTIONS:
         raise DeepLenseError(f"Unknown reduction {reduction!r}; expected one of {', '.join(_REDUCTIONS)}.")
 
+# %% ../nbs/05_losses.ipynb #f49388af
 class FocalLoss(nn.Module):
     "Focal loss (Lin et al. 2017) for softmax logits `(B, C)` or one binary logit `(B,)`/`(B, 1)`; cross-entropy at `gamma=0`."
     def __init__(self,
@@ -135,6 +136,7 @@ def class_weights(counts: Sequence[int] | np.ndarray | torch.Tensor, # number of
         w = (1 - beta) / (1 - beta ** n)
     return (w / w.mean()).float()
 
+# %% ../nbs/05_losses.ipynb #43dc8655
 def weighted_cross_entropy(class_weights: Sequence[float] | torch.Tensor, # one weight per class
                            *, label_smoothing: float = 0.0, # as torch
                            reduction: str = "mean", # "mean", "sum" or "none"
@@ -198,6 +200,7 @@ LOSSES: dict[str, Callable[..., nn.Module]] = {
     "ssim": SSIMLoss, "mse": nn.MSELoss, "l1": nn.L1Loss, "smooth_l1": nn.SmoothL1Loss,
 }
 
+# %% ../nbs/05_losses.ipynb #59882224
 def get_loss(name: str, # one of `LOSSES`: "ce", "focal", "bce", "ssim", "mse", "l1", ...
              **kw, # settings of that loss (e.g. gamma, class_weights, label_smoothing)
             ) -> nn.Module:

@@ -108,6 +108,7 @@ def _ident(fn) -> tuple:
     if isinstance(fn, functools.partial): return (_ident(fn.func), fn.args)
     return (getattr(fn, "__module__", None), getattr(fn, "__qualname__", repr(fn)))
 
+# %% ../nbs/04_models.ipynb #0182b1ec
 def register_model(name: str | Callable | None = None, # registered name (default: the function's name)
                    *, pretrained: bool = False, # the builder can load downloadable ImageNet weights
                    requires: str | None = None, # optional package the builder imports
@@ -127,6 +128,7 @@ def register_model(name: str | Callable | None = None, # registered name (defaul
 def _natural_key(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s.lower())]
 
+# %% ../nbs/04_models.ipynb #68e2cb4d
 def list_models(pattern: str | None = None, # shell-style pattern (`fnmatch`), e.g. "resnet*"; None lists all
                 *, pretrained: bool = False, # only models with downloadable pretrained weights
                ) -> list[str]:
@@ -141,6 +143,7 @@ def list_models(pattern: str | None = None, # shell-style pattern (`fnmatch`), e
 def _timm_entry(tname: str) -> ModelEntry:
     return ModelEntry("timm/" + tname, functools.partial(_timm_model, tname), f"timm model {tname}", True, "timm")
 
+# %% ../nbs/04_models.ipynb #f3e0f517
 def model_entry(name: str) -> ModelEntry:
     "The registry entry for `name` (`timm/<name>` for any timm model); unknown names raise with close matches."
     if not isinstance(name, str): raise UnknownModelError(f"A model name must be a string, got {name!r}.")
@@ -171,6 +174,7 @@ def adapt_input_conv(in_chans: int, # channels the adapted kernel should accept
 # %% ../nbs/04_models.ipynb #5eb1f65f
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "state")
 
+# %% ../nbs/04_models.ipynb #29d41dfa
 def read_state_dict(path: str | Path, # `.safetensors`, a state dict saved with `torch.save` (`.pt`, `.pth`, ...), or a training `.ckpt`
                    ) -> dict[str, torch.Tensor]:
     "Read a state dict from a file without executing pickled code (safetensors, or `torch.load(weights_only=True)`)."
@@ -228,6 +232,7 @@ def _strip(k: str) -> str:
         while k.startswith(pre): k = k[len(pre):]
     return k.replace("._orig_mod.", ".")
 
+# %% ../nbs/04_models.ipynb #46fb25fb
 def _remap(sd: dict, pairs) -> dict:
     out = {}
     for k, v in sd.items():
@@ -240,6 +245,7 @@ def _fmt(keys, n=5) -> str:
     keys = list(keys)
     return ", ".join(map(str, keys[:n])) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
+# %% ../nbs/04_models.ipynb #1b8a7efa
 def load_weights(model: DeepLenseNet, # the model to load into (in place)
                  src: str | Path | dict, # a weights file, or a state dict
                  *, drop_head: bool = False, # ignore the file's head (e.g. an ImageNet classifier)
@@ -298,6 +304,7 @@ def tv_weights_file(arch: str, # torchvision builder name, e.g. "resnet18", "eff
     w = _tv().get_model_weights(arch).DEFAULT
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(w.url).path).name
 
+# %% ../nbs/04_models.ipynb #8bf49abe
 def _load_tv_pretrained(model: DeepLenseNet, arch: str) -> LoadReport:
     w = _tv().get_model_weights(arch).DEFAULT
     path = tv_weights_file(arch)
@@ -326,6 +333,7 @@ def _check_common(in_chans, num_classes, drop_rate):
     if not (isinstance(num_classes, int) and num_classes >= 0): raise DeepLenseError(f"num_classes must be an integer >= 0, got {num_classes!r}.")
     if not 0 <= drop_rate < 1: raise DeepLenseError(f"drop_rate must be in [0, 1), got {drop_rate!r}.")
 
+# %% ../nbs/04_models.ipynb #f1469403
 def _tv_resnet(arch: str, *, in_chans: int = 3, num_classes: int = 1000, pretrained: bool = False,
                drop_rate: float = 0.0, # dropout before the head
                small_input: bool = False, # 3x3 stride-1 stem without max-pool (for 64x64 inputs)
@@ -340,6 +348,7 @@ def _tv_resnet(arch: str, *, in_chans: int = 3, num_classes: int = 1000, pretrai
     if pretrained: _load_tv_pretrained(net, arch)
     return net
 
+# %% ../nbs/04_models.ipynb #4763664c
 def _tv_seq(arch, m, in_chans, num_classes, drop_rate, pretrained, *, nf: int, extra: OrderedDict, maps, init) -> DeepLenseNet:
     if in_chans != 3: m.features[0][0] = _swap_conv(m.features[0][0], in_chans, init=init)
     parts = OrderedDict(features=m.features, pool=m.avgpool, **extra)
@@ -362,6 +371,7 @@ def _tv_efficientnet(arch: str, *, in_chans: int = 3, num_classes: int = 1000, p
                    extra=OrderedDict(flatten=nn.Flatten(1)),
                    maps=(("classifier.1.", "head."),), init="kaiming")
 
+# %% ../nbs/04_models.ipynb #996cd1e8
 def _tv_mobilenetv3(arch: str, *, in_chans: int = 3, num_classes: int = 1000, pretrained: bool = False,
                     drop_rate: float = 0.2, # dropout before the head
                    ) -> DeepLenseNet:
@@ -408,6 +418,7 @@ class BasicBlock(nn.Module):
         y = torch.relu(self.bn1(self.conv1(x)))
         return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
 
+# %% ../nbs/04_models.ipynb #b32bf3f4
 def _cifar_resnet(in_chans: int, depth: int, widths=(16, 32, 64)) -> nn.Sequential:
     if (depth - 2) % 6: raise DeepLenseError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, ...), got {depth}.")
     n, layers, cin = (depth - 2) // 6, OrderedDict(), widths[0]
@@ -423,6 +434,7 @@ def _cifar_resnet(in_chans: int, depth: int, widths=(16, 32, 64)) -> nn.Sequenti
         if isinstance(m, nn.Conv2d): nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     return seq
 
+# %% ../nbs/04_models.ipynb #fce73a44
 @register_model("resnet20")
 def _resnet20(*, in_chans: int = 3, num_classes: int = 10, pretrained: bool = False,
               drop_rate: float = 0.0, # dropout before the head
@@ -481,6 +493,7 @@ def _import_timm(what: str):
         raise MissingDependencyError(f"Model {what!r} needs the optional package timm, which is not installed. "
                                      f"Install it with: {_TIMM_HINT}") from e
 
+# %% ../nbs/04_models.ipynb #0d3ff655
 def _timm_model(tname: str, *, in_chans: int = 3, num_classes: int = 1000, pretrained: bool = False,
                 drop_rate: float = 0.0, # dropout before the head
                 **kw, # passed on to `timm.create_model` (e.g. drop_path_rate)
@@ -505,6 +518,7 @@ def _timm_model(tname: str, *, in_chans: int = 3, num_classes: int = 1000, pretr
                         first_conv=f"backbone.{first}" if first else None,
                         key_maps={"timm": ((cls + ".", "head."), ("", "backbone."))}, name=f"timm/{tname}")
 
+# %% ../nbs/04_models.ipynb #4603a80e
 register_model("convnextv2_tiny", pretrained=True, requires="timm",
                doc="ConvNeXt-V2-T (Woo et al. 2023), timm")(functools.partial(_timm_model, "convnextv2_tiny"))
 
@@ -517,6 +531,7 @@ def model_settings(name: str) -> dict:
     return {k: (None if p.default is inspect.Parameter.empty else p.default) for k, p in sig.parameters.items()
             if k not in _COMMON and p.kind is p.KEYWORD_ONLY}
 
+# %% ../nbs/04_models.ipynb #bea58f47
 def create_model(name: str, # a registered name (see `list_models`) or "timm/<timm name>"
                  *, in_chans: int, # input channels: 1 for Task I, 3 for lens finding
                  num_classes: int, # number of logits (lens finding uses 2)
@@ -548,6 +563,7 @@ def create_model(name: str, # a registered name (see `list_models`) or "timm/<ti
                           "kwargs": {"name": entry.name, "in_chans": in_chans, "num_classes": num_classes, **kw}}
     return model
 
+# %% ../nbs/04_models.ipynb #eec52251
 register_builder("deeplense_nb.models:create_model", create_model)  # checkpoints rebuild registered models only
 
 # %% ../nbs/04_models.ipynb #cf7ab1e0

@@ -44,6 +44,7 @@ def angular_diameter_distance(z, **kw) -> Tensor:
     "Angular-diameter distance to redshift `z` (flat LambdaCDM), Mpc."
     z = _as_tensor(z); return comoving_distance(z, **kw) / (1 + z)
 
+# %% ../nbs/01_physics.ipynb #d8c4bf9e
 def angular_diameter_distance_z1z2(z1, z2, **kw) -> Tensor:
     "Angular-diameter distance between redshifts `z1 < z2` (flat LambdaCDM), Mpc."
     z1, z2 = _as_tensor(z1), _as_tensor(z2)
@@ -73,6 +74,7 @@ def theta_E_point_mass(mass, # lens mass, solar masses
     d_l, d_s, d_ls = _lens_distances(z_l, z_s, distances, **cosmo)
     return torch.sqrt(4 * G_OVER_C2_MPC_MSUN * mass * d_ls / (d_l * d_s)) * ARCSEC_PER_RAD
 
+# %% ../nbs/01_physics.ipynb #65ccdecc
 def theta_E_sis(sigma_v, # velocity dispersion, km/s
                 z_l=0.5, z_s=1.0, *, distances: str = "angular", **cosmo) -> Tensor:
     "Einstein radius of a singular isothermal sphere with velocity dispersion `sigma_v`, arcsec."
@@ -112,6 +114,7 @@ def alpha_sis(x: Tensor, y: Tensor, *, theta_E, x0=0.0, y0=0.0, s: float = 0.0) 
     r = torch.where(r == 0, torch.finfo(r.dtype).tiny, r)
     return theta_E * dx / r, theta_E * dy / r
 
+# %% ../nbs/01_physics.ipynb #3894edeb
 def alpha_sie(x: Tensor, y: Tensor, *, theta_E, q, phi=0.0, x0=0.0, y0=0.0, s: float = 0.0) -> tuple[Tensor, Tensor]:
     "Deflection of a singular isothermal ellipsoid, axis ratio `q` (<=1), orientation `phi` (rad), core `s`, arcsec."
     q, phi = _as_tensor(q, x), _as_tensor(phi, x)
@@ -165,6 +168,7 @@ def alpha_point_masses(x: Tensor, y: Tensor, *, theta_E: Tensor, # (..., N) Eins
     if ax is None: ax = ay = torch.zeros_like(x)
     return ax, ay
 
+# %% ../nbs/01_physics.ipynb #5957f1b2
 def vortex_positions(length, angle, *, n: int = 100, x0=0.0, y0=0.0) -> tuple[Tensor, Tensor]:
     "Positions of `n` equally spaced points on a line of total `length` (arcsec) at `angle` (rad) centred on (x0, y0)."
     length, angle = _as_tensor(length), _as_tensor(angle)
@@ -241,6 +245,7 @@ def convolve(img: Tensor, # (..., H, W) images
     out = F.conv2d(x, k, padding=(kernel.shape[-2] // 2, kernel.shape[-1] // 2))
     return out.reshape(shape)
 
+# %% ../nbs/01_physics.ipynb #4573ec30
 def poisson_noise(counts: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
     "Poisson-sample expected photon `counts` (>= 0)."
     return torch.poisson(counts.clamp(min=0), generator=generator)

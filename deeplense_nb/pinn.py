@@ -48,6 +48,7 @@ def param_names(profile: str = "sie", # "sie" (elliptical) or "sis" (round)
     drop = ({"e1", "e2"} if profile == "sis" else set()) | (set() if shear else {"gamma1", "gamma2"})
     return tuple(n for n in LENS_PARAMS if n not in drop)
 
+# %% ../nbs/09_pinn.ipynb #e72c438c
 def truth_to_params(truth: dict | Sequence[dict], # truth dict(s) of the simulator (`theta_E, x0, y0, q, phi, gamma1, gamma2`)
                    ) -> Tensor:
     "Truth dicts -> float32 tensor `(B, 7)` in `LENS_PARAMS` order (ellipticity from `q, phi`)."
@@ -76,6 +77,7 @@ class LensParamBounds(Config):
         if not 0 < lo < hi: raise DeepLenseError(f"theta_E range must be 0 < low < high, got {self.theta_E}.")
         if not 0 < self.ellipticity < 1: raise DeepLenseError(f"ellipticity bound must be in (0, 1), got {self.ellipticity}.")
 
+# %% ../nbs/09_pinn.ipynb #f945b5bd
 class LensParamHead(nn.Module):
     "MLP from backbone features to bounded lens parameters `(B, P)` in physical units (arcsec, dimensionless)."
     def __init__(self, num_features: int, # width of the backbone's feature vector
@@ -128,6 +130,7 @@ def deflection(x: Tensor, y: Tensor, # image-plane pixel coordinates (H, W), arc
         ax, ay = ax + sx, ay + sy
     return ax, ay
 
+# %% ../nbs/09_pinn.ipynb #c06b0d51
 def trace(params: Tensor, # lens parameters (B, P)
           npix: int, # image pixels per side
           pixel_scale: float, # image arcsec per pixel
@@ -161,6 +164,7 @@ def splat(img: Tensor, # images (B, C, H, W)
     src = torch.where(den > eps, num / den.clamp_min(eps), torch.zeros_like(num))
     return src, den
 
+# %% ../nbs/09_pinn.ipynb #a0c2c836
 def relens(src: Tensor, # source-plane images (B, C, S, S)
            beta_x: Tensor, beta_y: Tensor, # source-plane positions of the image pixels, (B, H, W) arcsec
            *, pixel_scale: float, # source arcsec per pixel
@@ -258,6 +262,7 @@ class _Backbones(nn.Module):
         return (f"{type(self).__name__}(backbone={self.backbone_name!r}{lay}, input_norm={self.input_norm!r}, "
                 f"num_classes={self.num_classes}, params={n/1e6:.2f}M)")
 
+# %% ../nbs/09_pinn.ipynb #928495eb
 class PlainNet(_Backbones):
     "The baseline: the same registry backbone and input normalisation, a linear head, no physics."
     def __init__(self, *, backbone: str = "resnet18", in_chans: int = 1, num_classes: int = 3,
@@ -277,6 +282,7 @@ class PlainNet(_Backbones):
         "Logits `(B, num_classes)`."
         return self.head(self.drop(self.forward_features(x)))
 
+# %% ../nbs/09_pinn.ipynb #5e4949b2
 class _PinnBase(_Backbones):
     def _setup_layer(self, num_features, *, profile, shear, pixel_scale, src_npix, src_pixel_scale, bounds, hidden):
         self.layer = LensEquationLayer(pixel_scale=pixel_scale, src_npix=src_npix, src_pixel_scale=src_pixel_scale,
@@ -294,6 +300,7 @@ class _PinnBase(_Backbones):
         "Predicted lens parameters `(B, P)`, in the order of `param_names`."
         return self.param_head(self.image_features(x))
 
+# %% ../nbs/09_pinn.ipynb #24a9126b
 class TwoHeadNet(_PinnBase):
     "One registry backbone, a classification head and a lens-parameter head; the lens-equation layer serves the losses."
     def __init__(self, *, backbone: str = "resnet18", # registry name of the backbone
@@ -330,6 +337,7 @@ class TwoHeadNet(_PinnBase):
         "Logits `(B, num_classes)`."
         return self.head(self.drop(self.forward_features(x)))
 
+# %% ../nbs/09_pinn.ipynb #8e254bbe
 class LensiformerNet(_PinnBase):
     "Image backbone -> lens parameters -> source reconstruction -> source backbone; classify the concatenated features."
     def __init__(self, *, backbone: str = "resnet18", # registry name of the image backbone
@@ -374,6 +382,7 @@ class LensiformerNet(_PinnBase):
         "Logits `(B, num_classes)`."
         return self.head(self.drop(self.forward_features(x)))
 
+# %% ../nbs/09_pinn.ipynb #9aa52bc2
 @register_builder("deeplense_nb.pinn:create_pinn")
 def create_pinn(kind: str = "twohead", # "twohead", "lensiformer", or "plain" (the baseline without physics)
                 *, backbone: str = "resnet18", # registry backbone (see `deeplense_nb.models.list_models`)
@@ -408,6 +417,7 @@ def truth_loss(params: Tensor, # predicted lens parameters (B, P)
     scale = torch.tensor([PARAM_SCALES[n] for n in names], device=params.device, dtype=params.dtype)
     return F.smooth_l1_loss(params / scale, truth[:, idx].to(params) / scale)
 
+# %% ../nbs/09_pinn.ipynb #5df09d55
 class PhysicsObjective(nn.Module):
     "Wraps a `create_pinn` model; `forward(x, y, truth=None)` returns CE + scheduled physics loss + truth loss."
     def __init__(self, model: nn.Module, # a `TwoHeadNet` or `LensiformerNet`
@@ -476,6 +486,7 @@ class PhysicsObjective(nn.Module):
         self._last = terms
         return loss
 
+# %% ../nbs/09_pinn.ipynb #30b3c9e7
 @register_builder("deeplense_nb.pinn:create_physics_objective")
 def create_physics_objective(model: dict, # `create_pinn` keyword arguments (a model's `model_config["kwargs"]`)
                              **kw, # `PhysicsObjective` settings

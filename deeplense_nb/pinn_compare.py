@@ -31,6 +31,7 @@ def _loader(ds, batch_size, shuffle, seed, num_workers=0):
     g = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=num_workers)
 
+# %% ../nbs/09a_pinn_compare.ipynb #e4f4eafd
 @torch.no_grad()
 def _evaluate(model: nn.Module, dl, device) -> dict:
     "Softmax probabilities, targets, mean CE and, for physics models, lens parameters, truth and consistency."
@@ -56,6 +57,7 @@ def _evaluate(model: nn.Module, dl, device) -> dict:
     if params and truth: out["theta_E_mae"] = float(np.abs(out["params"][:, 0] - out["truth"][:, 0]).mean())
     return out
 
+# %% ../nbs/09a_pinn_compare.ipynb #4469aefe
 def auc_scores(probs: np.ndarray, # (N, K) probabilities
                targets: np.ndarray, # (N,) integer labels, every class present
                classes: Sequence[str], # class names, for the keys
@@ -68,6 +70,7 @@ def auc_scores(probs: np.ndarray, # (N, K) probabilities
         else {f"auc_{classes[1]}": float(roc_auc_score(targets, probs[:, 1]))}
     return {"auc_macro": float(np.mean(list(per.values()))), **per}
 
+# %% ../nbs/09a_pinn_compare.ipynb #0947e6f2
 def _bootstrap(probs: dict, targets, classes, n_boot=200, seed=0) -> dict:
     "Stratified bootstrap over the validation images: 95% intervals of each model's macro AUC and of its difference to 'plain'."
     rng = np.random.default_rng(seed)
@@ -81,6 +84,7 @@ def _bootstrap(probs: dict, targets, classes, n_boot=200, seed=0) -> dict:
     out["diff"] = {n: iv(np.asarray(v) - np.asarray(stats["plain"])) for n, v in stats.items() if n != "plain"}
     return out
 
+# %% ../nbs/09a_pinn_compare.ipynb #497901e8
 def compare_physics(train: TruthDataset, # training samples (x, y, truth)
                     valid: TruthDataset, # validation samples (x, y, truth)
                     *, kinds: Sequence[str] = ("twohead", "lensiformer"), # physics models to train
@@ -156,6 +160,7 @@ def compare_physics(train: TruthDataset, # training samples (x, y, truth)
                      "n_train": len(train), "n_valid": len(valid), "classes": list(classes)}
     return res
 
+# %% ../nbs/09a_pinn_compare.ipynb #06afb613
 def physics_summary(res: dict) -> str:
     "Honest sentences about physics vs no physics, generated from the numbers of a `compare_physics` result."
     t, n, bs = res["table"], res["config"]["n_valid"], res["bootstrap"]
@@ -175,6 +180,7 @@ def physics_summary(res: dict) -> str:
                    f" -> {verdict}.")
     return "\n".join(out)
 
+# %% ../nbs/09a_pinn_compare.ipynb #f1dd2c32
 def plot_theta_E_scatter(res: dict, # `compare_physics` result (or {name: {"true", "pred"}})
                          *, ax=None):
     "Recovered vs true Einstein radius for each physics model, with the identity line and the mean absolute error."
@@ -190,7 +196,7 @@ def plot_theta_E_scatter(res: dict, # `compare_physics` result (or {name: {"true
     ax.set_xlabel(r"true $\theta_E$ (arcsec)"); ax.set_ylabel(r"predicted $\theta_E$ (arcsec)"); ax.legend(fontsize=8)
     return ax
 
-
+# %% ../nbs/09a_pinn_compare.ipynb #51a71281
 @torch.no_grad()
 def plot_lensing(model: nn.Module, # a `create_pinn` model (or its `PhysicsObjective`)
                  x: Tensor, # images (B, C, H, W)

@@ -113,6 +113,7 @@ def _theta_E_pm(mass: float, z_l: float, z_s: float) -> float:
     "Einstein radius (arcsec) of a point mass in DeepLenseSim's convention, cached (distances are integrals)."
     return float(theta_E_point_mass(torch.tensor(mass, dtype=torch.float64), z_l, z_s, distances="deeplensesim"))
 
+# %% ../nbs/02_simulate.ipynb #ab68c7f6
 def sample_truth(p: SimPreset, cls: str, rng: np.random.Generator) -> dict:
     "Draw the physical parameters of one image of class `cls` (arcsec, radians, solar masses)."
     if cls not in p.classes: raise DeepLenseError(f"class {cls!r} is not in preset {p.name!r} (classes {p.classes})")
@@ -141,6 +142,7 @@ def sample_truth(p: SimPreset, cls: str, rng: np.random.Generator) -> dict:
 def _col(truth, key, dev, dt):
     return torch.tensor([t[key] for t in truth], device=dev, dtype=dt).view(-1, 1, 1)
 
+# %% ../nbs/02_simulate.ipynb #56ddddb0
 def _substructure(truth, p: SimPreset, dev, dt):
     "Per-image point masses (theta_E, x, y), padded to a common count with zero mass: (B, N) each."
     rows = []
@@ -162,6 +164,7 @@ def _substructure(truth, p: SimPreset, dev, dt):
         for j in range(3): out[j, i, :len(r[j])] = r[j]
     return out.to(device=dev, dtype=dt)
 
+# %% ../nbs/02_simulate.ipynb #6af72aa6
 @torch.no_grad()
 def render(truth: list[dict], p: SimPreset, *, device="cpu", dtype=torch.float32,
            noise: bool = True, # Poisson (+ read) noise; False gives the expected counts
@@ -197,6 +200,7 @@ def render(truth: list[dict], p: SimPreset, *, device="cpu", dtype=torch.float32
     if normalize: img = minmax(img)
     return img if noise else img.to(dtype)
 
+# %% ../nbs/02_simulate.ipynb #afb7be27
 def _noise_seed(t: dict) -> int:
     return int(hashlib.sha1(json.dumps(t, sort_keys=True, default=float).encode()).hexdigest()[:15], 16)
 
@@ -242,6 +246,7 @@ class LensFindingPreset(Config):
     test_ratio: int = 100               # non-lenses per lens in test (real: 19455 / 195 = 99.8)
     classes: tuple = ("nonlens", "lens")
 
+# %% ../nbs/02_simulate.ipynb #9f451b32
 def _lf_object(rng, p, x, y, kind):
     "One field object as (3, H, W) flux: an elliptical, a disc galaxy or a star, at a random position."
     cx, cy = rng.uniform(-p.npix * p.pixel_scale / 2, p.npix * p.pixel_scale / 2, size=2)
@@ -261,6 +266,7 @@ def _lf_galaxy(rng, x, y, kind, cx, cy, amp):
     img = img / img.max().clamp(min=1e-12) * amp
     return torch.stack([img * float(s) for s in sed])
 
+# %% ../nbs/02_simulate.ipynb #122a19c1
 def sample_lens_finding(p: LensFindingPreset, is_lens: bool, rng: np.random.Generator) -> dict:
     "Parameters of one lens-finding cutout (a lens or a non-lens)."
     t = dict(label="lens" if is_lens else "nonlens", psf_fwhm=_u(rng, p.psf_fwhm), noise_sigma=_u(rng, p.noise_sigma),
@@ -276,6 +282,7 @@ def sample_lens_finding(p: LensFindingPreset, is_lens: bool, rng: np.random.Gene
         t.update(centre=str(rng.choice(["elliptical", "elliptical", "disc", "star", "pair"])))
     return t
 
+# %% ../nbs/02_simulate.ipynb #f6fd643d
 def render_lens_finding(t: dict, p: LensFindingPreset, *, device="cpu", dtype=torch.float32, normalize: bool = True) -> torch.Tensor:
     "Render one three-band cutout `(3, npix, npix)` from its parameters (per-channel min-max when `normalize`)."
     dev = get_device(device)
@@ -491,6 +498,7 @@ def count_scale(img) -> float:
     u = np.unique(np.asarray(img, dtype=np.float64)); d = np.diff(u); d = d[d > 1e-9]
     return float(round(1 / d.min())) if len(d) else float("nan")
 
+# %% ../nbs/02_simulate.ipynb #c8671f29
 def image_stats(img, # (1, H, W) or (H, W) min-max scaled image of normalised counts
                ) -> dict:
     "Count scale, sky level, flux, ring radius/axis ratio (pixels) and pixel statistics of one Task I-like image."
@@ -512,6 +520,7 @@ def image_stats(img, # (1, H, W) or (H, W) min-max scaled image of normalised co
                 ring_radius=float((wgt * r).sum() / wgt.sum()), ring_axis_ratio=float(np.sqrt(ev[0] / ev[1])),
                 mean=float(a.mean()), std=float(a.std()))
 
+# %% ../nbs/02_simulate.ipynb #31397940
 def compare_stats(groups: dict, # {name: list of images}
                  ) -> pd.DataFrame:
     "Mean +- std of `image_stats` over each group of images, one row per group."
