@@ -222,7 +222,8 @@ def run_demo(out: str | Path = "demo_out", *, device: str = "auto", seed: int = 
         say(f"1/3 simulated {cfg['n_train']} + {cfg['n_val']} Model I images (preset {cfg['preset']}; no/sphere/vort) into {data} in {time.time() - t0:.0f}s")
     t0 = time.time()
     tm = train_classifier(data, task="substructure", model=cfg["model"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
-                          lr=cfg["lr"], out=out / "train", device=str(dev), seed=seed)
+                          lr=cfg["lr"], out=out / "train", device=str(dev), seed=seed,
+                          overwrite=True)  # the demo folder is scratch: each `make demo` trains afresh (the data are reused)
     train_time = time.time() - t0
     say(f"2/3 trained {cfg['model']} for {cfg['epochs']} epochs in {train_time:.0f}s (best epoch {tm['best_epoch']}, val AUC {tm['roc_auc']:.4f})")
     rep = evaluate(out / "train" / "best.ckpt", data, split="val", device=str(dev), history=out / "train",
