@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if debug: raise
         _close_progress_bars()
-        print(f"deeplense {a.command}: error: {user_message(e)}", file=sys.stderr)
+        msg = user_message(e).splitlines() or [""]
+        more = " (details: re-run with --debug)" if len(msg) > 1 else ""
+        print(f"deeplense {a.command}: error: {msg[0]}{more}", file=sys.stderr)
         return 2
 
 # %% ../nbs/10_cli.ipynb #638185e5

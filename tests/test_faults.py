@@ -250,7 +250,8 @@ def test_8_nested_layout_is_named_with_the_fix(data, tmp_path):
     with pytest.raises(LayoutError, match="nested one level too deep"): train_classifier(nested, out=tmp_path / "r", **FAST)
     rc, _, err = deeplense("train", "--data", nested, "--out", tmp_path / "r", "--model", "cnn_baseline", "--device", "cpu")
     one_line_error(rc, err, "nested one level too deep", f"mv {nested / 'train/train'}/* {nested / 'train'}/")
-    os.system(err.splitlines()[0].split("fix it with: ")[1])  # the printed command really fixes it
+    fix = [l for l in err.splitlines() if "fix it with: " in l][0].split("fix it with: ")[1].split(" (details:")[0]
+    assert os.system(fix) == 0  # the printed command really fixes it
     assert train_classifier(nested, out=tmp_path / "fixed", epochs=1, **FAST)["epochs"] == 1
 
 
