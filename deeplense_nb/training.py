@@ -93,7 +93,6 @@ def synthetic_classification(n: int = 256, # number of images
     x = blobs.sum(1, keepdim=True).expand(n, in_chans, size, size) + noise * torch.randn(n, in_chans, size, size, generator=g)
     return TensorDataset(x.float().contiguous(), y.long())
 
-# %% ../nbs/06_training.ipynb #6abfd4ac
 class TinyCNN(nn.Module):
     "A two-layer CNN with global average pooling, for examples, tests and benchmarks."
     def __init__(self, in_chans: int = 1, num_classes: int = 2, *, width: int = 8, norm: bool = True, dropout: float = 0.):
@@ -134,7 +133,6 @@ def find_bs(b) -> int:
         if n: return n
     return 0
 
-# %% ../nbs/06_training.ipynb #2dd7c00a
 def _param_groups(model: nn.Module, wd: float) -> list[dict]:
     "Weight decay on weight matrices/kernels only: biases and norm scales (1-D parameters) get none."
     decay, no_decay = [], []
@@ -253,7 +251,6 @@ def _do_one_batch(self: Learner):
     self._with_events(lambda: self.opt.step(), "step", CancelStepException)
     self.opt.zero_grad(set_to_none=True)
 
-# %% ../nbs/06_training.ipynb #4fa93897
 @patch
 def _all_batches(self: Learner):
     self.n_iter = len(self.dl)
@@ -278,7 +275,6 @@ def _do_epoch(self: Learner):
     self._do_train()
     if self.valid_dl is not None: self._do_validate()
 
-# %% ../nbs/06_training.ipynb #30f7e949
 @patch
 def _do_fit(self: Learner):
     if self._resume is not None: self.load_state(self._resume); self._resume = None
@@ -381,7 +377,6 @@ class Recorder(Callback):
         row["lr"], row["time"] = self.row.get("lr"), round(time.perf_counter() - self._t0, 4)
         L.history.append(row)
 
-# %% ../nbs/06_training.ipynb #b1c6d2e7
 def _all_reduce_sum(t: torch.Tensor, device) -> torch.Tensor:
     dev = device if dist.get_backend() == "nccl" else torch.device("cpu")
     t = t.to(dev); dist.all_reduce(t); return t.cpu()
@@ -394,7 +389,6 @@ def _fmt_row(row: dict, n_epoch: int) -> str:
         parts.append(f"{k} {v:.3g}" if k == "lr" else f"{k} {v:.2f}s" if k == "time" else f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}")
     return "  ".join(parts)
 
-# %% ../nbs/06_training.ipynb #c89b7203
 class ProgressCallback(Callback):
     "tqdm bars for training/validation passes and a one-line summary per epoch (rank 0 only)."
     order, run_lr_find = 90, False
@@ -440,7 +434,6 @@ def _cb_folder(cb) -> Path:
     if d is None: raise DeepLenseError(f"{type(cb).__name__} needs a folder: pass path= to it or to the Learner.")
     return Path(d)
 
-# %% ../nbs/06_training.ipynb #01053a54
 class HistoryLogger(Callback):
     "Write `learn.history` to `<path>/history.csv` and `history.json` after every epoch (rank 0 only)."
     order, run_lr_find = 85, False
@@ -460,7 +453,6 @@ class HistoryLogger(Callback):
 class DivergenceError(DeepLenseError):
     "Training produced a non-finite loss or prediction."
 
-# %% ../nbs/06_training.ipynb #49aa1ed3
 class StopOnNonFinite(Callback):
     "Raise `DivergenceError` (epoch, batch, a hint) at the first non-finite training loss or validation prediction."
     order, run_lr_find = -21, False  # before the Recorder, which computes metrics from the predictions
@@ -491,7 +483,6 @@ class StopOnNonFinite(Callback):
 _RNG_TYPES = (torch.Generator, np.random.Generator)
 _RNG_ATTRS = ("generator", "rng", "sampler", "batch_sampler", "base", "dl", "batch_tfm", "mixer")
 
-# %% ../nbs/06_training.ipynb #854b7431
 def find_rngs(obj, # a loader, sampler, transform or mixer
               prefix: str = "", _out=None, _seen=None, _depth: int = 0) -> dict:
     "Named torch/numpy Generators reachable from `obj` through loaders, samplers, batch transforms and closures."
@@ -514,7 +505,6 @@ def find_rngs(obj, # a loader, sampler, transform or mixer
         if v is not None and not callable(getattr(type(obj), a, None)): rec(v, prefix if a == "base" else f"{prefix}.{a}")
     return out
 
-# %% ../nbs/06_training.ipynb #52e5459a
 def _gen_state(g):
     return g.get_state() if isinstance(g, torch.Generator) else g.bit_generator.state
 
@@ -538,7 +528,6 @@ def get_rng_state(dl=None) -> dict:
     if torch.cuda.is_available() and torch.cuda.is_initialized(): st["cuda"] = torch.cuda.get_rng_state()
     return st
 
-# %% ../nbs/06_training.ipynb #378454d3
 def set_rng_state(st: dict, dl=None):
     "Restore what `get_rng_state` returned."
     random.setstate(st["python"]); np.random.set_state(st["numpy"]); torch.set_rng_state(st["torch"])
@@ -569,7 +558,6 @@ def config_dict(self: Learner) -> dict | None:
     "The experiment config as a JSON-able dict."
     return _jsonable(self.config)
 
-# %% ../nbs/06_training.ipynb #765443e4
 @patch
 def _ckpt_path(self: Learner, path) -> Path:
     p = Path(path)
@@ -591,7 +579,6 @@ def save(self: Learner, path: str | Path, # file name (relative names go into `l
              "rng": get_rng_state(self.train_dl)}
     return save_checkpoint(self._ckpt_path(path), m.state_dict(), meta=meta, state=state)
 
-# %% ../nbs/06_training.ipynb #0dc870f5
 @patch
 def load_state(self: Learner, ck: dict | str | Path, # `load_checkpoint` output or a checkpoint path
               ):
@@ -612,7 +599,6 @@ def load_state(self: Learner, ck: dict | str | Path, # `load_checkpoint` output 
     set_rng_state(state["rng"], self.train_dl)
     return self
 
-# %% ../nbs/06_training.ipynb #bf5d7d3d
 @patch
 def load(self: Learner, path: str | Path, # checkpoint file (relative names are looked up in `learn.path`)
          *, with_opt: bool = True, # also restore the optimizer state
@@ -642,7 +628,6 @@ def _monitored(learn, monitor: str, who: str):
         raise DeepLenseError(f"{who}: monitor {monitor!r} is not in the history; available: {', '.join(k for k in row if k not in ('epoch', 'lr', 'time'))}.")
     return row[monitor]
 
-# %% ../nbs/06_training.ipynb #7612fe07
 class SaveCheckpoint(Callback):
     "Save `last.ckpt` every epoch and `best.ckpt` when `monitor` improves (atomically; rank 0 only)."
     order, run_lr_find = 80, False
