@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from fastcore.basics import patch
-from .core import DeepLenseError, cpu_bf16_supported, amp_dtype as core_amp_dtype
+from .core import DeepLenseError, check_choice, cpu_bf16_supported, amp_dtype as core_amp_dtype
 from .data import CutMix, MixUp
 from .training import (Callback, Learner, CancelBatchException, CancelFitException, CancelStepException,
                                    get_rng_state, set_rng_state, rng_states, set_rng_states, _improved, _mode, _monitored)
@@ -210,7 +210,7 @@ _SCHEDULERS = {"onecycle": OneCycle, "cosine": CosineWarmup, "step": StepSchedul
 def get_scheduler(name: str, # "onecycle", "cosine", "step" or "plateau"
                   **kwargs) -> Scheduler:
     "A scheduler callback by name."
-    if name not in _SCHEDULERS: raise DeepLenseError(f"unknown schedule {name!r}; expected one of {', '.join(_SCHEDULERS)}.")
+    check_choice("schedule", name, tuple(_SCHEDULERS))
     return _SCHEDULERS[name](**kwargs)
 
 # %% ../nbs/06a_callbacks.ipynb #016f7b6a
@@ -377,7 +377,7 @@ def lr_find(self: Learner, *, start_lr: float = 1e-7, end_lr: float = 10., # swe
            ) -> LRFindResult:
     "Sweep the learning rate exponentially, restore the model, and suggest a learning rate."
     methods = ("valley", "steepest", "minimum")
-    if method not in methods: raise DeepLenseError(f"method {method!r}: expected one of {', '.join(methods)}.")
+    check_choice("method", method, tuple(methods))
     raw = self.raw_model
     saved = (copy.deepcopy(raw.state_dict()), copy.deepcopy(self.opt.state_dict()) if self.opt is not None else None,
              get_rng_state(self.train_dl), self.history, self.epoch, self.n_epoch, self.train_iter, self.lr, self.valid_dl)

@@ -135,7 +135,7 @@ def remove_stale_tmp(folder: str | Path, # a run folder
 # %% ../nbs/03a_checkpoint.ipynb #e56834c8
 _BUILDERS: dict[str, tuple[Callable, Callable | None]] = {}
 _PACKAGE_BUILDERS = {  # builder name -> module that registers it (imported on first use; no other module is imported)
-    "deeplense_nb.models:create_model": "deeplense_nb.models", "deeplense_nb.training:tiny_cnn": "deeplense_nb.training",
+    "deeplense_nb.models:create_model": "deeplense_nb.models", "deeplense_nb.training:tiny_cnn": "deeplense_nb.toy",
     "deeplense_nb.diffusion:build_unet": "deeplense_nb.diffusion.unet", "deeplense_nb.diffusion:build_diffusion": "deeplense_nb.diffusion.gaussian",
     "deeplense_nb.pinn:create_pinn": "deeplense_nb.pinn", "deeplense_nb.pinn:create_physics_objective": "deeplense_nb.pinn"}
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 import torch
 from fastcore.basics import patch
-from .core import (Config, DeepLenseError, add_config_arguments, atomic_write_text, config_from_args,
-                               read_config_file, seed_everything)
+from .core import (Config, DeepLenseError, add_config_arguments, atomic_write_text, check_choice,
+                               config_from_args, read_config_file, seed_everything)
 from .checkpoint import _jsonable, checkpoint_meta
 from .data import get_dataloaders
 from .models import create_model
@@ -30,9 +30,6 @@ TASKS = {"substructure": "substructure", "task1": "substructure", "lens-finding"
 CHOICES = {"task": tuple(TASKS), "opt": ("adamw", "adam", "sgd"), "loss": ("ce", "focal"),
            "sched": ("onecycle", "cosine", "step", "plateau", "none"), "amp": ("auto", "off", "bf16", "fp16"),
            "monitor": ("roc_auc", "accuracy", "valid_loss"), "on_error": ("raise", "skip")}
-
-def _check(name: str, v, allowed):
-    if v not in allowed: raise DeepLenseError(f"{name}={v!r} is not valid; expected one of {', '.join(map(str, allowed))}.")
 
 # %% ../nbs/06b_classify.ipynb #904cd10e
 @dataclass
@@ -80,7 +77,7 @@ class TrainConfig(Config):
 def validate(self: TrainConfig) -> TrainConfig:
     "Check enum-like settings and ranges; raises `DeepLenseError` naming the bad value."
     for k, allowed in CHOICES.items():
-        if k != "task" or self.task is not None: _check(k, getattr(self, k), allowed)
+        if k != "task" or self.task is not None: check_choice(k, getattr(self, k), allowed)
     for k in ("epochs", "batch_size", "grad_accum"):
         if int(getattr(self, k)) < 1: raise DeepLenseError(f"{k} must be >= 1, got {getattr(self, k)}.")
     if not self.lr > 0: raise DeepLenseError(f"lr must be > 0, got {self.lr}.")

@@ -6,18 +6,20 @@ Docs: https://ml4sci.github.io/deeplense_nb/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #992bca42
 from __future__ import annotations
-import argparse, dataclasses, json, os, random, platform, sys
+import argparse, dataclasses, json, os, random, platform, sys, types
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Any, Sequence
 from fastcore.docments import docments
 import numpy as np
 import torch
+import torch.nn as nn
 
 # %% auto #0
 __all__ = ['CLASSES_T1', 'AMP_CHOICES', 'DeepLenseError', 'ConfigError', 'check_choice', 'get_device', 'cpu_bf16_supported',
            'amp_dtype', 'seed_everything', 'Config', 'pid_alive', 'fsync_dir', 'atomic_write', 'atomic_write_text',
-           'add_config_arguments', 'read_config_file', 'config_from_args', 'env_info']
+           'add_config_arguments', 'read_config_file', 'config_from_args', 'env_info', 'find_rngs', 'rng_states',
+           'set_rng_states', 'get_rng_state', 'set_rng_state']
 
 # %% ../nbs/00_core.ipynb #455d652c
 class DeepLenseError(Exception):
@@ -264,3 +266,58 @@ def env_info(device: str = "auto") -> dict:
     if dev.type == "cuda": info["gpu"] = torch.cuda.get_device_name(dev)
     info["cpu_threads"] = torch.get_num_threads()
     return info
+
+# %% ../nbs/00_core.ipynb #7fd1e107
+_RNG_TYPES = (torch.Generator, np.random.Generator)
+_RNG_ATTRS = ("generator", "rng", "sampler", "batch_sampler", "base", "dl", "batch_tfm", "mixer")
+
+def find_rngs(obj, # a loader, sampler, transform or mixer
+              prefix: str = "", _out=None, _seen=None, _depth: int = 0) -> dict:
+    "Named torch/numpy Generators reachable from `obj` through loaders, samplers, batch transforms and closures."
+    out = {} if _out is None else _out; seen = set() if _seen is None else _seen
+    if obj is None or _depth > 6 or id(obj) in seen or isinstance(obj, (str, bytes, int, float, torch.Tensor)): return out
+    seen.add(id(obj))
+    if isinstance(obj, _RNG_TYPES): out[prefix or "."] = obj; return out
+    rec = lambda v, name: find_rngs(v, name, out, seen, _depth + 1)
+    if isinstance(obj, (list, tuple)):
+        for i, o in enumerate(obj): rec(o, f"{prefix}.{i}")
+        return out
+    if isinstance(obj, nn.Module):
+        for name, m in obj.named_children(): rec(m, f"{prefix}.{name}")
+    elif isinstance(obj, types.FunctionType):
+        for i, c in enumerate(obj.__closure__ or ()):
+            try: rec(c.cell_contents, f"{prefix}.c{i}")
+            except ValueError: pass
+    for a in _RNG_ATTRS:
+        v = getattr(obj, a, None)
+        if v is not None and not callable(getattr(type(obj), a, None)): rec(v, prefix if a == "base" else f"{prefix}.{a}")
+    return out
+
+def _gen_state(g):
+    return g.get_state() if isinstance(g, torch.Generator) else g.bit_generator.state
+
+def _set_gen_state(g, s):
+    if isinstance(g, torch.Generator): g.set_state(s)
+    else: g.bit_generator.state = s
+
+def rng_states(obj) -> dict:
+    "States of the generators `find_rngs(obj)` finds."
+    return {k: _gen_state(g) for k, g in find_rngs(obj).items()}
+
+def set_rng_states(obj, states: dict):
+    "Restore what `rng_states(obj)` returned (generators matched by name)."
+    gens = find_rngs(obj)
+    for k, s in states.items():
+        if k in gens: _set_gen_state(gens[k], s)
+
+def get_rng_state(dl=None) -> dict:
+    "RNG states of python, numpy, torch (CPU and CUDA) and of the generators in `dl` (shuffling, sampling, augmentation)."
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "loader": rng_states(dl)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized(): st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+def set_rng_state(st: dict, dl=None):
+    "Restore what `get_rng_state` returned."
+    random.setstate(st["python"]); np.random.set_state(st["numpy"]); torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available(): torch.cuda.set_rng_state(st["cuda"])
+    set_rng_states(dl, st.get("loader", {}))

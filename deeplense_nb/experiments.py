@@ -14,7 +14,7 @@ import pandas as pd
 import papermill as pm
 import deeplense_nb
 from . import simulate as S
-from .core import DeepLenseError, env_info, get_device
+from .core import DeepLenseError, check_choice, env_info, get_device
 from .simulate import get_preset, simulate_task1
 from .classify import train_classifier
 from .evaluation import evaluate
@@ -140,7 +140,7 @@ def sweep(name: str, space: dict, *, mode: str = "grid", n: int | None = None, s
 def cached_simulation(kind: str, *, cache: str | Path | None = None, **kw) -> Path:
     "Simulate a dataset once per settings (`kind` = task1, lens-finding or diffusion) and return its folder."
     fn = {"task1": S.simulate_task1, "lens-finding": S.simulate_lens_finding, "diffusion": S.simulate_diffusion}
-    if kind not in fn: raise DeepLenseError(f"kind={kind!r}; expected one of {sorted(fn)}")
+    check_choice("kind", kind, sorted(fn))
     key = json.dumps({"kind": kind, **{k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in sorted(kw.items())}}, sort_keys=True, default=str)
     cache = Path(cache or os.environ.get("DEEPLENSE_CACHE", Path.home() / ".cache" / "deeplense_nb"))
     d = cache / f"{kind}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"

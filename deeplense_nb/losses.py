@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .core import DeepLenseError
+from .core import DeepLenseError, check_choice
 
 # %% auto #0
 __all__ = ['LOSSES', 'smooth_targets', 'FocalLoss', 'class_weights', 'weighted_cross_entropy', 'weighted_bce', 'SSIMLoss',
@@ -31,8 +31,7 @@ def smooth_targets(targets: torch.Tensor, # int class indices (B,) or probabilit
 _REDUCTIONS = ("mean", "sum", "none")
 
 def _check_reduction(reduction):
-    if reduction not in _REDUCTIONS:
-        raise DeepLenseError(f"Unknown reduction {reduction!r}; expected one of {', '.join(_REDUCTIONS)}.")
+    check_choice("reduction", reduction, _REDUCTIONS)
 
 # %% ../nbs/05_losses.ipynb #f49388af
 class FocalLoss(nn.Module):
@@ -125,7 +124,7 @@ def class_weights(counts: Sequence[int] | np.ndarray | torch.Tensor, # number of
                   beta: float = 0.999, # for "effective": (1 - beta) / (1 - beta**n)
                  ) -> torch.Tensor:
     "Per-class weights from class counts, scaled to mean 1."
-    if scheme not in _SCHEMES: raise DeepLenseError(f"Unknown class-weight scheme {scheme!r}; expected one of {', '.join(_SCHEMES)}.")
+    check_choice("class-weight scheme", scheme, _SCHEMES)
     n = torch.as_tensor(np.asarray(counts, dtype=np.float64))
     if n.ndim != 1 or len(n) < 2 or (n <= 0).any():
         raise DeepLenseError(f"counts must be positive numbers, one per class (at least two); got {list(np.asarray(counts))}.")

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 from sklearn import metrics as skm
 from sklearn.preprocessing import label_binarize
-from .core import DeepLenseError
+from .core import DeepLenseError, check_choice
 
 # %% auto #0
 __all__ = ['FPRS', 'EvaluationError', 'accuracy', 'roc_auc', 'tpr_at_fpr', 'select_threshold', 'bootstrap_auc', 'calibration',
@@ -27,9 +27,8 @@ FPRS = (1e-3, 1e-2, 1e-1)  # false-positive rates at which binary reports give t
 
 # %% ../nbs/05a_metrics.ipynb #647bf811
 def _choice(name: str, value, allowed: Sequence):
-    if value not in allowed:
-        raise EvaluationError(f"{name}={value!r} is not valid; expected one of {', '.join(map(repr, allowed))}.")
-    return value
+    "`core.check_choice` raising `EvaluationError`."
+    return check_choice(name, value, allowed, error=EvaluationError)
 
 # %% ../nbs/05a_metrics.ipynb #0e98cbcf
 def _finite(v) -> float | None:

@@ -8,6 +8,7 @@ Docs: https://ml4sci.github.io/deeplense_nb/physics.html.md"""
 from __future__ import annotations
 import math
 import torch
+from .core import check_choice
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -58,8 +59,7 @@ def luminosity_distance(z, **kw) -> Tensor:
 _DIST_CONVENTIONS = ("angular", "deeplensesim")
 
 def _lens_distances(z_l, z_s, distances: str, **kw):
-    if distances not in _DIST_CONVENTIONS:
-        raise ValueError(f"distances={distances!r}; expected one of {_DIST_CONVENTIONS}")
+    check_choice("distances", distances, _DIST_CONVENTIONS)
     z_l, z_s = _as_tensor(z_l), _as_tensor(z_s)
     if distances == "angular":
         return angular_diameter_distance(z_l, **kw), angular_diameter_distance(z_s, **kw), angular_diameter_distance_z1z2(z_l, z_s, **kw)

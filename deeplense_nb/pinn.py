@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .core import CLASSES_T1, Config, DeepLenseError, get_device, seed_everything
+from .core import CLASSES_T1, Config, DeepLenseError, check_choice, get_device, seed_everything
 from .checkpoint import register_builder
 from .simulate import MANIFEST, load_truth, simulate_batch
 from .models import create_model
@@ -35,16 +35,11 @@ LENS_PARAMS = ("theta_E", "x0", "y0", "e1", "e2", "gamma1", "gamma2")
 PROFILES = ("sie", "sis")
 PARAM_SCALES = {"theta_E": 0.25, "x0": 0.1, "y0": 0.1, "e1": 0.1, "e2": 0.1, "gamma1": 0.05, "gamma2": 0.05}
 
-def _choice(name: str, value, allowed):
-    if value not in allowed:
-        raise DeepLenseError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, allowed))}.")
-    return value
-
 def param_names(profile: str = "sie", # "sie" (elliptical) or "sis" (round)
                 *, shear: bool = True, # include the external shear (gamma1, gamma2)
                ) -> tuple[str, ...]:
     "Names of the lens parameters a model with this `profile`/`shear` predicts, in `LENS_PARAMS` order."
-    _choice("profile", profile, PROFILES)
+    check_choice("profile", profile, PROFILES)
     drop = ({"e1", "e2"} if profile == "sis" else set()) | (set() if shear else {"gamma1", "gamma2"})
     return tuple(n for n in LENS_PARAMS if n not in drop)
 
@@ -250,7 +245,7 @@ class _Backbones(nn.Module):
     "Shared by every kind: registry backbones fed with (optionally standardised) images."
     def _init_common(self, backbone, num_classes, input_norm):
         self.backbone_name, self.num_classes = backbone, int(num_classes)
-        self.input_norm = _choice("input_norm", input_norm, INPUT_NORMS)
+        self.input_norm = check_choice("input_norm", input_norm, INPUT_NORMS)
         self.model_config: dict | None = None
 
     def _prep(self, x: Tensor) -> Tensor:
@@ -390,7 +385,7 @@ def create_pinn(kind: str = "twohead", # "twohead", "lensiformer", or "plain" (t
                 **kw, # model settings (`TwoHeadNet` / `LensiformerNet` / `PlainNet` arguments)
                ) -> nn.Module:
     "Build a physics-informed classifier (or its plain baseline); a JSON-able `model_config` lets checkpoints rebuild it."
-    _choice("kind", kind, MODEL_KINDS)
+    check_choice("kind", kind, MODEL_KINDS)
     cls = {"plain": PlainNet, "twohead": TwoHeadNet, "lensiformer": LensiformerNet}[kind]
     if isinstance(kw.get("bounds"), LensParamBounds): kw["bounds"] = kw["bounds"].to_dict()
     try: json.dumps(kw)

@@ -15,12 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import matplotlib.pyplot as plt
 import pandas as pd
-from sklearn.metrics import roc_auc_score
 from torch import Tensor
-from .core import CLASSES_T1, DeepLenseError, get_device, seed_everything
+from .core import CLASSES_T1, DeepLenseError, check_choice, get_device, seed_everything
 from .metrics import roc_auc
 from .training import Learner
-from .pinn import (LENS_PARAMS, PINN_KINDS, LensEquationLayer, PhysicsObjective, TruthDataset, _choice, create_pinn,
+from .pinn import (LENS_PARAMS, PINN_KINDS, LensEquationLayer, PhysicsObjective, TruthDataset, create_pinn,
                                physics_weight)
 
 # %% auto #0
@@ -62,12 +61,12 @@ def auc_scores(probs: np.ndarray, # (N, K) probabilities
                targets: np.ndarray, # (N,) integer labels, every class present
                classes: Sequence[str], # class names, for the keys
               ) -> dict:
-    "ROC-AUC one-vs-rest per class and their mean (macro), via sklearn."
+    "ROC-AUC one-vs-rest per class (`metrics.roc_auc`) and their mean (macro)."
     present = set(np.unique(targets).tolist())
     if present != set(range(len(classes))):
         raise DeepLenseError(f"AUC needs every class in the validation labels; found {sorted(present)} of {len(classes)} classes.")
-    per = {f"auc_{c}": float(roc_auc_score(targets == i, probs[:, i])) for i, c in enumerate(classes)} if len(classes) > 2 \
-        else {f"auc_{classes[1]}": float(roc_auc_score(targets, probs[:, 1]))}
+    one_vs_rest = lambda i: roc_auc(np.c_[1 - probs[:, i], probs[:, i]], (targets == i).astype(int))  # metrics' one AUC
+    per = {f"auc_{c}": one_vs_rest(i) for i, c in enumerate(classes)} if len(classes) > 2 else {f"auc_{classes[1]}": one_vs_rest(1)}
     return {"auc_macro": float(np.mean(list(per.values()))), **per}
 
 # %% ../nbs/09a_pinn_compare.ipynb #0947e6f2
@@ -103,7 +102,7 @@ def compare_physics(train: TruthDataset, # training samples (x, y, truth)
                     progress: bool = False, # show the Learner's progress output
                    ) -> dict:
     "Train the plain backbone and each physics model on the same data, seed and budget; AUCs, losses and theta_E."
-    for kd in kinds: _choice("kind", kd, PINN_KINDS)
+    for kd in kinds: check_choice("kind", kd, PINN_KINDS)
     if len(train) == 0 or len(valid) == 0: raise DeepLenseError("compare_physics needs non-empty train and valid sets.")
     classes = tuple(getattr(train, "classes", CLASSES_T1))
     dev = get_device(device)
@@ -131,7 +130,7 @@ def compare_physics(train: TruthDataset, # training samples (x, y, truth)
         start = _evaluate(model, _loader(train, batch_size, False, seed), dev)
         vdl = None if not validate_each_epoch else _loader(
             valid.without_truth() if name == "plain" and hasattr(valid, "without_truth") else valid, batch_size, False, seed)
-        learn = Learner(objective, train_dl, vdl, loss_func=loss_func, lr=lr, wd=wd, device=str(dev), progress=progress)
+        learn = Learner(objective, train_dl, vdl, loss_func=loss_func, lr=lr, wd=wd, device=dev, progress=progress)
         t0 = time.time(); learn.fit(epochs); secs = time.time() - t0
         model.eval()
         end = _evaluate(model, _loader(train, batch_size, False, seed), dev)

@@ -15,7 +15,9 @@ import torch.nn as nn
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, TensorDataset
 from fastcore.basics import patch
-from .core import DeepLenseError, atomic_write, atomic_write_text
+from .core import (DeepLenseError, atomic_write, atomic_write_text, find_rngs, get_rng_state, rng_states, set_rng_state,
+                               set_rng_states)
+from .toy import TinyCNN, synthetic_classification, tiny_cnn  # re-exported: the engine's toy problem
 # re-exported for code written against the single `training` module: the format lives in `checkpoint`, DDP in `distributed`
 from .distributed import ShardSampler, dist_env, gather_rows, init_distributed, shard_loader
 from .checkpoint import (CKPT_FORMAT, CheckpointError, _jsonable, build_model, checkpoint_meta, checkpoint_weights,
@@ -23,10 +25,9 @@ from .checkpoint import (CKPT_FORMAT, CheckpointError, _jsonable, build_model, c
 
 # %% auto #0
 __all__ = ['EVENTS', 'CancelFitException', 'CancelEpochException', 'CancelTrainException', 'CancelValidException',
-           'CancelBatchException', 'CancelBackwardException', 'CancelStepException', 'Callback',
-           'synthetic_classification', 'TinyCNN', 'tiny_cnn', 'unwrap_model', 'find_bs', 'Learner', 'Recorder',
-           'ProgressCallback', 'HistoryLogger', 'DivergenceError', 'StopOnNonFinite', 'find_rngs', 'rng_states',
-           'set_rng_states', 'get_rng_state', 'set_rng_state', 'SaveCheckpoint', 'DistributedCallback']
+           'CancelBatchException', 'CancelBackwardException', 'CancelStepException', 'Callback', 'unwrap_model',
+           'find_bs', 'Learner', 'Recorder', 'ProgressCallback', 'HistoryLogger', 'DivergenceError', 'StopOnNonFinite',
+           'SaveCheckpoint', 'DistributedCallback']
 
 # %% ../nbs/06_training.ipynb #68cb0edf
 class CancelFitException(Exception):      "Stop training now; `after_cancel_fit` and `after_fit` still fire."
@@ -73,43 +74,6 @@ class Callback:
 
 # %% ../nbs/06_training.ipynb #e35ca43c
 from .metrics import accuracy, roc_auc  # the package's one implementation (see `deeplense_nb.metrics`)
-
-# %% ../nbs/06_training.ipynb #7d460b12
-def synthetic_classification(n: int = 256, # number of images
-                             *, num_classes: int = 2, # class k has k blobs
-                             in_chans: int = 1, size: int = 16, # image shape (in_chans, size, size)
-                             noise: float = 0.5, # std of the Gaussian noise (blob peak is 1)
-                             seed: int = 0,
-                            ) -> TensorDataset:
-    "An easy image classification set: class `k` images hold `k` Gaussian blobs on noise. Balanced, shuffled."
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % num_classes
-    y = y[torch.randperm(n, generator=g)]
-    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
-    k = max(num_classes - 1, 1)
-    c = torch.rand(n, k, 2, generator=g) * (size - 4) + 2
-    d2 = (yy[None, None] - c[..., 0, None, None]) ** 2 + (xx[None, None] - c[..., 1, None, None]) ** 2
-    blobs = torch.exp(-d2 / (2 * 1.5 ** 2)) * (torch.arange(k)[None, :] < y[:, None]).float()[..., None, None]
-    x = blobs.sum(1, keepdim=True).expand(n, in_chans, size, size) + noise * torch.randn(n, in_chans, size, size, generator=g)
-    return TensorDataset(x.float().contiguous(), y.long())
-
-class TinyCNN(nn.Module):
-    "A two-layer CNN with global average pooling, for examples, tests and benchmarks."
-    def __init__(self, in_chans: int = 1, num_classes: int = 2, *, width: int = 8, norm: bool = True, dropout: float = 0.):
-        super().__init__()
-        def block(ci, co, s): return [nn.Conv2d(ci, co, 3, s, 1, bias=not norm), *([nn.BatchNorm2d(co)] if norm else []), nn.ReLU()]
-        self.features = nn.Sequential(*block(in_chans, width, 1), *block(width, 2 * width, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.num_features, self.num_classes = 2 * width, num_classes
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * width, num_classes))
-        self.model_config = {"builder": "deeplense_nb.training:tiny_cnn",
-                             "kwargs": {"in_chans": in_chans, "num_classes": num_classes, "width": width, "norm": norm, "dropout": dropout}}
-    def forward_features(self, x): return self.features(x)
-    def forward(self, x): return self.head(self.features(x))
-
-@register_builder("deeplense_nb.training:tiny_cnn")
-def tiny_cnn(*, in_chans: int = 1, num_classes: int = 2, width: int = 8, norm: bool = True, dropout: float = 0.) -> TinyCNN:
-    "Build a `TinyCNN` (the builder recorded in its `model_config`)."
-    return TinyCNN(in_chans, num_classes, width=width, norm=norm, dropout=dropout)
 
 # %% ../nbs/06_training.ipynb #3262a577
 def _to_device(b, device: torch.device):
@@ -478,61 +442,6 @@ class StopOnNonFinite(Callback):
         L = self.learn; at = f"epoch {L.epoch}" + (f", batch {batch}" if batch is not None else "")
         kept = f"; the history and checkpoints of epoch {L.epoch - 1} are kept in {L.path}" if L.path is not None and L.epoch > L.start_epoch else ""
         raise DivergenceError(f"training diverged at {at}: {what} not finite ({value}){kept}. Hint: {self.hint}.")
-
-# %% ../nbs/06_training.ipynb #7fd1e107
-_RNG_TYPES = (torch.Generator, np.random.Generator)
-_RNG_ATTRS = ("generator", "rng", "sampler", "batch_sampler", "base", "dl", "batch_tfm", "mixer")
-
-def find_rngs(obj, # a loader, sampler, transform or mixer
-              prefix: str = "", _out=None, _seen=None, _depth: int = 0) -> dict:
-    "Named torch/numpy Generators reachable from `obj` through loaders, samplers, batch transforms and closures."
-    out = {} if _out is None else _out; seen = set() if _seen is None else _seen
-    if obj is None or _depth > 6 or id(obj) in seen or isinstance(obj, (str, bytes, int, float, torch.Tensor)): return out
-    seen.add(id(obj))
-    if isinstance(obj, _RNG_TYPES): out[prefix or "."] = obj; return out
-    rec = lambda v, name: find_rngs(v, name, out, seen, _depth + 1)
-    if isinstance(obj, (list, tuple)):
-        for i, o in enumerate(obj): rec(o, f"{prefix}.{i}")
-        return out
-    if isinstance(obj, nn.Module):
-        for name, m in obj.named_children(): rec(m, f"{prefix}.{name}")
-    elif isinstance(obj, types.FunctionType):
-        for i, c in enumerate(obj.__closure__ or ()):
-            try: rec(c.cell_contents, f"{prefix}.c{i}")
-            except ValueError: pass
-    for a in _RNG_ATTRS:
-        v = getattr(obj, a, None)
-        if v is not None and not callable(getattr(type(obj), a, None)): rec(v, prefix if a == "base" else f"{prefix}.{a}")
-    return out
-
-def _gen_state(g):
-    return g.get_state() if isinstance(g, torch.Generator) else g.bit_generator.state
-
-def _set_gen_state(g, s):
-    if isinstance(g, torch.Generator): g.set_state(s)
-    else: g.bit_generator.state = s
-
-def rng_states(obj) -> dict:
-    "States of the generators `find_rngs(obj)` finds."
-    return {k: _gen_state(g) for k, g in find_rngs(obj).items()}
-
-def set_rng_states(obj, states: dict):
-    "Restore what `rng_states(obj)` returned (generators matched by name)."
-    gens = find_rngs(obj)
-    for k, s in states.items():
-        if k in gens: _set_gen_state(gens[k], s)
-
-def get_rng_state(dl=None) -> dict:
-    "RNG states of python, numpy, torch (CPU and CUDA) and of the generators in `dl` (shuffling, sampling, augmentation)."
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "loader": rng_states(dl)}
-    if torch.cuda.is_available() and torch.cuda.is_initialized(): st["cuda"] = torch.cuda.get_rng_state()
-    return st
-
-def set_rng_state(st: dict, dl=None):
-    "Restore what `get_rng_state` returned."
-    random.setstate(st["python"]); np.random.set_state(st["numpy"]); torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available(): torch.cuda.set_rng_state(st["cuda"])
-    set_rng_states(dl, st.get("loader", {}))
 
 # %% ../nbs/06_training.ipynb #d44bc967
 def _cb_keys(cbs) -> dict:

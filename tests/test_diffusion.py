@@ -130,12 +130,12 @@ def test_objectives_and_schedules(objective, schedule):
 
 
 @pytest.mark.parametrize("bad, match", [
-    (lambda: GaussianDiffusion(UNet(TINY), objective="score"), "expected one of eps, x0, v"),
-    (lambda: GaussianDiffusion(UNet(TINY), schedule="exp"), "expected one of linear, cosine, sigmoid"),
+    (lambda: GaussianDiffusion(UNet(TINY), objective="score"), "expected one of 'eps', 'x0', 'v'"),
+    (lambda: GaussianDiffusion(UNet(TINY), schedule="exp"), "expected one of 'linear', 'cosine', 'sigmoid'"),
     (lambda: UNetConfig(pad_mode="circular"), "expected one of 'reflect'"),
     (lambda: UNetConfig(channel_mults=(1, 2), attn_levels=(2,)), "levels are 0..1"),
-    (lambda: GaussianDiffusion(UNet(TINY), image_size=16, timesteps=10).sample(2, sampler="euler"), "expected one of ddpm, ddim"),
-    (lambda: nearest_neighbours(torch.rand(2, 1, 8, 8), torch.rand(3, 1, 8, 8), metric="cos"), "expected one of l2, ssim"),
+    (lambda: GaussianDiffusion(UNet(TINY), image_size=16, timesteps=10).sample(2, sampler="euler"), "expected one of 'ddpm', 'ddim'"),
+    (lambda: nearest_neighbours(torch.rand(2, 1, 8, 8), torch.rand(3, 1, 8, 8), metric="cos"), "expected one of 'l2', 'ssim'"),
 ])
 def test_bad_settings_are_refused(bad, match):
     with pytest.raises(DeepLenseError, match=match): bad()

@@ -129,7 +129,7 @@ def test_class_weights_schemes():
     expect = torch.tensor([(1 - 0.999) / (1 - 0.999 ** n) for n in counts])
     torch.testing.assert_close(we, (expect / expect.mean()).float())
     assert 1 < we[1] / we[0] < w[1] / w[0]  # effective numbers are milder than inverse frequency
-    with pytest.raises(DeepLenseError, match="expected one of inverse, sqrt_inverse, effective"): class_weights(counts, scheme="x")
+    with pytest.raises(DeepLenseError, match="expected one of 'inverse', 'sqrt_inverse', 'effective'"): class_weights(counts, scheme="x")
     with pytest.raises(DeepLenseError, match="positive"): class_weights([3, 0])
 
 
@@ -152,7 +152,7 @@ def test_class_weights_change_the_loss_as_documented():
 
 def test_focal_validation(mc):
     z, y, soft = mc
-    with pytest.raises(DeepLenseError, match="expected one of mean, sum, none"): FocalLoss(reduction="avg")
+    with pytest.raises(DeepLenseError, match="expected one of 'mean', 'sum', 'none'"): FocalLoss(reduction="avg")
     with pytest.raises(DeepLenseError, match="gamma"): FocalLoss(gamma=-0.5)
     with pytest.raises(DeepLenseError, match="label_smoothing"): FocalLoss(label_smoothing=1.5)
     with pytest.raises(DeepLenseError, match="one alpha per class"): FocalLoss(alpha=0.25)(z, y)

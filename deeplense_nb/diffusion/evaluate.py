@@ -16,8 +16,7 @@ from torch import Tensor
 import matplotlib.pyplot as plt
 from scipy.stats import wasserstein_distance
 from torchmetrics.functional import structural_similarity_index_measure as ssim
-from ..core import DeepLenseError, get_device
-from .gaussian import _choice
+from ..core import DeepLenseError, check_choice, get_device
 from .frechet import _fid
 
 # %% auto #0
@@ -89,7 +88,7 @@ def nearest_neighbours(queries: Tensor, # images `(N, C, H, W)`
                        batch_size: int = 256, device: str | torch.device = "cpu",
                       ) -> tuple[np.ndarray, np.ndarray]:
     "Distance to, and index of, the nearest image of `bank` for every query."
-    _choice("metric", metric, METRICS_NN)
+    check_choice("metric", metric, METRICS_NN)
     dev = get_device(device)
     q, b = torch.as_tensor(queries).float(), torch.as_tensor(bank).float()
     if q.shape[1:] != b.shape[1:]: raise DeepLenseError(f"queries {tuple(q.shape[1:])} and bank {tuple(b.shape[1:])} differ in shape")

@@ -17,18 +17,13 @@ from torch import Tensor
 from fastcore.basics import patch
 from torchmetrics.functional import structural_similarity_index_measure as ssim
 from tqdm.auto import tqdm
-from ..core import DeepLenseError, get_device
+from ..core import DeepLenseError, check_choice, get_device
 from ..checkpoint import register_builder
 from ..callbacks import amp_dtype
 from .unet import UNet, UNetConfig, build_unet
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'OBJECTIVES', 'SAMPLERS', 'beta_schedule', 'GaussianDiffusion', 'build_diffusion']
-
-# %% ../../nbs/08b_diffusion_gaussian.ipynb #2a7a1f03
-def _choice(what: str, value, allowed) -> Any:
-    if value not in allowed: raise DeepLenseError(f"unknown {what} {value!r}; expected one of {', '.join(map(str, allowed))}")
-    return value
 
 # %% ../../nbs/08b_diffusion_gaussian.ipynb #30265642
 SCHEDULES = ("linear", "cosine", "sigmoid")
@@ -45,7 +40,7 @@ def beta_schedule(name: str, # linear | cosine | sigmoid
                   timesteps: int, # number of diffusion steps T
                  ) -> Tensor:
     "The noise schedule $\\beta_1..\\beta_T$ (float64 tensor of length `timesteps`)."
-    _choice("schedule", name, SCHEDULES)
+    check_choice("schedule", name, SCHEDULES)
     if int(timesteps) < 2: raise DeepLenseError(f"timesteps must be >= 2, got {timesteps}")
     T = int(timesteps)
     if name == "linear":
@@ -81,7 +76,7 @@ class GaussianDiffusion(nn.Module):
         super().__init__()
         self.unet = unet if isinstance(unet, UNet) else UNet(unet)
         self.image_size, self.timesteps = _image_size(image_size), int(timesteps)
-        self.schedule, self.objective = _choice("schedule", schedule, SCHEDULES), _choice("objective", objective, OBJECTIVES)
+        self.schedule, self.objective = check_choice("schedule", schedule, SCHEDULES), check_choice("objective", objective, OBJECTIVES)
         if ssim_weight < 0: raise DeepLenseError(f"ssim_weight must be >= 0, got {ssim_weight}")
         if not 0 <= p_uncond <= 1: raise DeepLenseError(f"p_uncond must be in [0, 1], got {p_uncond}")
         self.ssim_weight, self.p_uncond, self.classes = float(ssim_weight), float(p_uncond), tuple(classes)
@@ -261,7 +256,7 @@ def sample(self: GaussianDiffusion, n: int = 16, # number of images
            progress: bool = True, # tqdm progress bar
           ) -> Tensor:
     "Draw `n` images `(n, C, H, W)` in [0, 1] (float32, CPU) with DDPM or DDIM."
-    _choice("sampler", sampler, SAMPLERS)
+    check_choice("sampler", sampler, SAMPLERS)
     steps = int(steps or (self.timesteps if sampler == "ddpm" else min(self.timesteps, 100)))
     if not 1 <= steps <= self.timesteps: raise DeepLenseError(f"steps must be in 1..{self.timesteps}, got {steps}")
     if eta < 0: raise DeepLenseError(f"eta must be >= 0, got {eta}")

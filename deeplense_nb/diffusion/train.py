@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
-from ..core import DeepLenseError, atomic_write_text, get_device, seed_everything
+from ..core import DeepLenseError, atomic_write_text, check_choice, get_device, seed_everything
 from ..data import get_dataloaders
 from ..training import Learner, SaveCheckpoint, HistoryLogger
 from ..callbacks import EMA, CosineWarmup, GradientClip, MixedPrecision
 from .unet import UNet, UNetConfig
-from .gaussian import GaussianDiffusion, SCHEDULES, OBJECTIVES, _choice
+from .gaussian import GaussianDiffusion, SCHEDULES, OBJECTIVES
 
 # %% auto #0
 __all__ = ['diffusion_loaders', 'train_diffusion']
@@ -121,7 +121,7 @@ def train_diffusion(data, # images `(N, C, H, W)` in [0, 1], `(images, labels)`,
                     cbs: Sequence = (), # extra Learner callbacks (e.g. EarlyStopping, TorchCompile)
                    ) -> GaussianDiffusion:
     "Train a diffusion model with the package's `Learner` and return it with its EMA weights (and `.history`)."
-    _choice("schedule", schedule, SCHEDULES); _choice("objective", objective, OBJECTIVES)
+    check_choice("schedule", schedule, SCHEDULES); check_choice("objective", objective, OBJECTIVES)
     seed_everything(seed)
     train_dl, valid_dl, classes = diffusion_loaders(data, batch_size=batch_size, val_frac=val_frac, augment=augment,
                                                     seed=seed, num_workers=num_workers)

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
-from ..core import Config, DeepLenseError
+from ..core import Config, DeepLenseError, check_choice
 from ..checkpoint import register_builder
 
 # %% auto #0
@@ -92,8 +92,7 @@ def _check_unet_config(c) -> None:
     bad = [l for l in c.attn_levels if not 0 <= int(l) < len(c.channel_mults)]
     if bad: raise DeepLenseError(f"UNetConfig: attn_levels {bad} out of range; levels are 0..{len(c.channel_mults) - 1}")
     if c.num_classes < 0: raise DeepLenseError(f"UNetConfig: num_classes must be >= 0, got {c.num_classes}")
-    if c.pad_mode not in ("reflect", "replicate", "zeros"):
-        raise DeepLenseError(f"UNetConfig: unknown pad_mode {c.pad_mode!r}; expected one of 'reflect', 'replicate', 'zeros'")
+    check_choice("UNetConfig.pad_mode", c.pad_mode, ("reflect", "replicate", "zeros"))
     widths = [c.base_width * m for m in c.channel_mults]
     attn_w = [widths[l] for l in c.attn_levels] + ([widths[-1]] if c.mid_attn else [])
     if any(w % c.heads for w in attn_w):
