@@ -14,7 +14,7 @@ from scipy.ndimage import gaussian_filter
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
-from .core import DeepLenseError
+from .core import DeepLenseError, get_device
 from .physics import ellipticity_to_q_phi, pixel_grid, smooth_lens_image
 from .simulate import count_scale
 
@@ -74,17 +74,19 @@ def _physical(P: dict, dev, b: int) -> dict:
                 psf_fwhm=math.exp(f("logfwhm")))
 
 # %% ../nbs/02a_lensfit.ipynb #73dea13d
-def _fit_chunk(a, g, pixel_scale, starts, steps, refine, crop, lr):
-    "Fit one chunk of images: every start for `steps`, then the best start per image for `refine` more."
+def _fit_chunk(a, g, pixel_scale, starts, steps, refine, crop, lr, dev):
+    "Fit one chunk of images on device `dev`: every start for `steps`, then the best start per image for `refine` more."
     N = [count_scale(im) if float(im.max()) <= 1.0 else 1.0 for im in a]   # min-max count images are exactly k/N
     win = (slice(crop, a.shape[-2] - crop), slice(crop, a.shape[-1] - crop))
-    C = torch.stack([torch.round(im * n) if n == n else im for im, n in zip(a, N)]).float()[:, win[0], win[1]]
-    x, y = (t[win] for t in pixel_grid(a.shape[-1], pixel_scale))
+    C = torch.stack([torch.round(im * n) if n == n else im for im, n in zip(a, N)]).float()[:, win[0], win[1]].to(dev)
+    x, y = (t[win] for t in pixel_grid(a.shape[-1], pixel_scale, device=dev))
     nI, S = len(C), starts
-    P, m, dev = _adam_fit(_starts(nI * S, g), C.repeat_interleave(S, 0), x, y, pixel_scale, steps, lr)   # search: every start
-    best = dev.view(nI, S).argmin(1) + torch.arange(nI) * S
-    P, m, dev = _adam_fit({k: v[best] for k, v in P.items()}, C, x, y, pixel_scale, refine, lr / 4)  # refine the best
-    return [_physical(P, dev, b) for b in range(nI)], C.numpy(), m.numpy()
+    P0 = {k: v.to(dev) for k, v in _starts(nI * S, g).items()}   # drawn on the CPU: the same starts on every device
+    P, m, D = _adam_fit(P0, C.repeat_interleave(S, 0), x, y, pixel_scale, steps, lr)   # search: every start
+    best = D.view(nI, S).argmin(1) + torch.arange(nI, device=dev) * S
+    P, m, D = _adam_fit({k: v[best] for k, v in P.items()}, C, x, y, pixel_scale, refine, lr / 4)  # refine the best
+    P, D = {k: v.cpu() for k, v in P.items()}, D.cpu()   # one copy back per chunk
+    return [_physical(P, D, b) for b in range(nI)], C.cpu().numpy(), m.cpu().numpy()
 
 # %% ../nbs/02a_lensfit.ipynb #eb3effa3
 def fit_smooth_lens(images, # (B, 1, H, W) or (B, H, W) min-max images of normalised counts (pixels k/N), or counts
@@ -96,14 +98,15 @@ def fit_smooth_lens(images, # (B, 1, H, W) or (B, H, W) min-max images of normal
                     lr: float = 0.02, seed: int = 0,
                     return_model: bool = False, # also return the fitted counts and model images (B, H - 2 crop, W - 2 crop)
                     batch: int = 32, # images fitted together (memory: batch x starts models with their gradients)
+                    device: str | torch.device = "cpu", # where to fit: "cpu", "cuda[:N]", "mps" or "auto"
                    ):
     "Maximum-Poisson-likelihood fit of SIE + shear + Sersic + Gaussian PSF + sky to each image (arcsec, counts)."
     a = torch.as_tensor(np.asarray(images), dtype=torch.float64)
     a = a[:, 0] if a.dim() == 4 else a
     if a.dim() != 3: raise DeepLenseError(f"fit_smooth_lens wants (B, H, W) or (B, 1, H, W) images, got shape {tuple(a.shape)}")
     if batch < 1: raise DeepLenseError(f"fit_smooth_lens needs batch >= 1, got {batch}")
-    g = torch.Generator().manual_seed(seed)   # one random stream over the chunks: deterministic for a given (seed, batch)
-    parts = [_fit_chunk(a[i:i + batch], g, pixel_scale, starts, steps, refine, crop, lr) for i in range(0, len(a), batch)]
+    g, dev = torch.Generator().manual_seed(seed), get_device(device)   # one random stream over the chunks: deterministic for a given (seed, batch)
+    parts = [_fit_chunk(a[i:i + batch], g, pixel_scale, starts, steps, refine, crop, lr, dev) for i in range(0, len(a), batch)]
     out = [f for p in parts for f in p[0]]
     if not return_model: return out
     return out, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
