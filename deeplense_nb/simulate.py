@@ -8,7 +8,6 @@ Docs: https://ml4sci.github.io/deeplense_nb/simulate.html.md"""
 from __future__ import annotations
 import fcntl, hashlib, json, math, os, shutil, time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 import numpy as np
@@ -18,78 +17,13 @@ from tqdm.auto import tqdm
 from .core import CLASSES_T1, Config, DeepLenseError, atomic_write_text, get_device
 from .physics import (pixel_grid, alpha_sie_shear, alpha_point_masses, vortex_positions, lens_equation,
                                   sersic, gaussian_psf, convolve, smooth_lens_image, theta_E_point_mass)
+from .simbatch import (PRESETS, LensFindingPreset, SimPreset, get_preset, render_batch, render_lens_finding_batch,
+                                   sample_lens_finding_batch, sample_truth_batch)
 
 # %% auto #0
-__all__ = ['PRESETS', 'MANIFEST', 'TRUTH', 'SimPreset', 'get_preset', 'image_rng', 'sample_truth', 'render', 'minmax',
-           'simulate_batch', 'LensFindingPreset', 'sample_lens_finding', 'render_lens_finding', 'simulate_task1',
-           'simulate_lens_finding', 'simulate_diffusion', 'load_truth', 'count_scale', 'image_stats', 'compare_stats']
-
-# %% ../nbs/02_simulate.ipynb #cf27676a
-@dataclass
-class SimPreset(Config):
-    "Every knob of the substructure simulator (Model I/II/III and the diffusion set). Ranges are (low, high), uniform."
-    name: str = "model_i"
-    # instrument
-    npix: int = 150                      # pixels per side
-    pixel_scale: float = 0.05            # arcsec per pixel
-    psf_fwhm: float = 0.16               # Gaussian PSF FWHM, arcsec (fitted on the real images; the recipe says 0.087)
-    sky_counts: float = 11.5             # flat sky background per pixel, photon counts
-    peak_counts: tuple = (680.0, 900.0)  # peak lensed-source counts per pixel (sets the SNR)
-    read_noise: float = 0.0              # extra Gaussian noise per pixel, counts (0: pure Poisson like the real data)
-    # cosmology
-    z_l: float = 0.5
-    z_s: float = 1.0
-    # main lens: SIE of a halo + external shear
-    halo_mass: tuple = (1e12, 1e12)      # solar masses (log-uniform); sets theta_E with DeepLenseSim's convention
-    theta_E_scatter: tuple = (0.82, 1.22) # extra multiplicative theta_E factor (uniform), real rings vary in radius
-    lens_q: tuple = (0.8, 0.98)          # SIE axis ratio
-    lens_phi: tuple = (1.5707963267948966, 1.5707963267948966)  # SIE mass orientation, rad (real data: fixed; rings wider along x)
-    shear: tuple = (0.0, 0.28)           # external shear magnitude
-    shear_phi: tuple = (0.0, 0.0)        # shear orientation, rad (the real data: fixed, gamma2 = 0)
-    lens_center: float = 0.0             # lens centre offset, arcsec (uniform in a square of this half-width)
-    # source: elliptical Sersic
-    src_R_e: tuple = (0.4, 0.5)          # half-light radius, arcsec
-    src_n: tuple = (1.3, 1.3)            # Sersic index
-    src_q: tuple = (0.4, 0.9)            # axis ratio
-    src_phi: tuple = (0.0, 0.0)          # orientation, rad (the real sources share one orientation)
-    src_center: float = 0.45             # source centre uniform in [-src_center, src_center]^2, arcsec
-    # substructure: sphere = CDM subhalos, vort = a vortex line of point masses
-    sub_n: int = 25                      # subhalos per sphere image
-    sub_mass: tuple = (1e6, 1e10)        # subhalo mass range, solar masses
-    sub_slope: float = -0.9              # dN/dm ~ m^sub_slope (what DeepLenseSim's code draws)
-    sub_radius: tuple = (0.25, 2.0)      # subhalo distance from the lens centre, arcsec
-    vort_mass: float = 8e10              # total vortex mass, solar masses (recipe 3e10; the real vort residuals need ~8e10)
-    vort_n: int = 100                    # point masses along the vortex
-    vort_log_ma: tuple = (-24.0, -22.0)  # log10 axion mass / eV; half-length = vort_len_scale * 1e-22 / m_a
-    vort_len_scale: float = 0.03         # arcsec
-    softening: float = 0.01              # point-mass softening, arcsec
-    classes: tuple = CLASSES_T1
-
-    def __post_init__(self):
-        if self.npix < 8: raise DeepLenseError(f"npix={self.npix} is too small")
-        bad = set(self.classes) - set(CLASSES_T1)
-        if bad: raise DeepLenseError(f"unknown class(es) {sorted(bad)}; the substructure classes are {CLASSES_T1}")
-
-# %% ../nbs/02_simulate.ipynb #f66919f5
-PRESETS: dict[str, SimPreset] = {
-    "model_i": SimPreset(),
-    "deeplensesim_recipe": SimPreset(name="deeplensesim_recipe", psf_fwhm=0.087, sky_counts=10.0, peak_counts=(700.0, 900.0),
-                                     theta_E_scatter=(1.0, 1.0), lens_q=(0.818, 0.818), lens_phi=(0.0, 0.0),
-                                     shear=(0.05, 0.05), src_R_e=(0.25, 0.25), src_n=(1.0, 1.0), src_q=(0.752, 0.752),
-                                     src_phi=(1.178, 1.178), src_center=0.35, vort_mass=3e10),  # e1=0.1; src e1=-0.1, e2=0.1
-    "model_ii": SimPreset(name="model_ii", npix=64, pixel_scale=0.101, psf_fwhm=0.16, sky_counts=20.0,
-                          peak_counts=(250.0, 400.0)),
-    "model_iii": SimPreset(name="model_iii", npix=64, pixel_scale=0.08, psf_fwhm=0.1, sky_counts=10.0,
-                           peak_counts=(500.0, 800.0)),
-    "diffusion": SimPreset(name="diffusion"),
-}
-
-def get_preset(preset: str | SimPreset = "model_i", **overrides) -> SimPreset:
-    "A preset by name (or the given one), with fields overridden."
-    if isinstance(preset, SimPreset): p = preset
-    elif preset in PRESETS: p = PRESETS[preset]
-    else: raise DeepLenseError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)} (lens finding: 'lens_finding')")
-    return p.replace(**overrides) if overrides else p
+__all__ = ['MANIFEST', 'TRUTH', 'image_rng', 'sample_truth', 'render', 'minmax', 'simulate_batch', 'sample_lens_finding',
+           'render_lens_finding', 'simulate_task1', 'simulate_lens_finding', 'simulate_diffusion', 'load_truth',
+           'count_scale', 'image_stats', 'compare_stats']
 
 # %% ../nbs/02_simulate.ipynb #26a4c662
 def image_rng(seed: int, *keys) -> np.random.Generator:
@@ -220,31 +154,6 @@ def simulate_batch(n: int, *, preset: str | SimPreset = "model_i", labels=None, 
     truth = [sample_truth(p, p.classes[int(l)], image_rng(seed, split, p.classes[int(l)], i)) for i, l in enumerate(labels)]
     imgs = render(truth, p, device=device, noise=noise, normalize=True)
     return imgs.float(), labels, truth
-
-# %% ../nbs/02_simulate.ipynb #1efb8b3c
-@dataclass
-class LensFindingPreset(Config):
-    "Knobs of the three-band lens-finding simulator (Task II). Ranges are (low, high), uniform."
-    name: str = "lens_finding"
-    npix: int = 64
-    pixel_scale: float = 0.2            # arcsec per pixel (ground-based survey)
-    psf_fwhm: tuple = (0.6, 1.0)        # seeing FWHM, arcsec
-    bands: tuple = ("g", "r", "i")
-    lens_sed: tuple = (0.25, 0.6, 1.0)  # g, r, i flux ratios of the red lens galaxy
-    src_sed: tuple = (1.0, 0.85, 0.6)   # g, r, i flux ratios of the blue lensed source
-    theta_E: tuple = (0.8, 2.2)         # arcsec
-    lens_q: tuple = (0.5, 1.0)
-    shear: tuple = (0.0, 0.1)
-    lens_R_e: tuple = (0.4, 1.2)        # lens light half-light radius, arcsec
-    src_R_e: tuple = (0.1, 0.35)        # arcsec
-    src_center: float = 0.5             # arcsec
-    arc_to_lens_flux: tuple = (0.15, 0.8)  # total arc flux / lens-galaxy flux (in the g band after SEDs)
-    n_field: tuple = (0, 5)             # field galaxies per cutout (uniform integer)
-    n_stars: tuple = (0, 2)
-    noise_sigma: tuple = (0.01, 0.08)   # Gaussian sky noise per band, in units of the lens-galaxy peak (i band)
-    train_ratio: int = 16               # non-lenses per lens in train (real: 28675 / 1730 = 16.6)
-    test_ratio: int = 100               # non-lenses per lens in test (real: 19455 / 195 = 99.8)
-    classes: tuple = ("nonlens", "lens")
 
 # %% ../nbs/02_simulate.ipynb #9f451b32
 def _lf_object(rng, p, x, y, kind):
