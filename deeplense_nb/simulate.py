@@ -14,15 +14,16 @@ import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from .core import CLASSES_T1, Config, DeepLenseError, atomic_write_text, get_device
+from .core import CLASSES_T1, Config, DeepLenseError, atomic_write_text, check_choice, get_device
 from .physics import (pixel_grid, alpha_sie_shear, alpha_point_masses, vortex_positions, lens_equation,
                                   sersic, gaussian_psf, convolve, smooth_lens_image, theta_E_point_mass)
 from .simbatch import (PRESETS, LensFindingPreset, SimPreset, get_preset, render_batch, render_lens_finding_batch,
-                                   sample_lens_finding_batch, sample_truth_batch)
+                                   sample_lens_finding_batch, sample_truth_batch, _CENTRES)
 
 # %% auto #0
-__all__ = ['MANIFEST', 'TRUTH', 'image_rng', 'sample_truth', 'render', 'minmax', 'simulate_batch', 'sample_lens_finding',
-           'render_lens_finding', 'simulate_task1', 'simulate_lens_finding', 'simulate_diffusion', 'load_truth',
+__all__ = ['MANIFEST', 'TRUTH', 'ENGINES', 'image_rng', 'sample_truth', 'render', 'minmax', 'simulate_batch',
+           'sample_lens_finding', 'render_lens_finding', 'task1_counts', 'task1_batches', 'simulate_task1',
+           'lens_finding_batches', 'lens_finding_counts', 'simulate_lens_finding', 'simulate_diffusion', 'load_truth',
            'count_scale', 'image_stats', 'compare_stats']
 
 # %% ../nbs/02_simulate.ipynb #26a4c662
@@ -273,65 +274,136 @@ def _writing(out: str | Path, overwrite: bool):
         finally: shutil.rmtree(tmp, ignore_errors=True)
 
 # %% ../nbs/02_simulate.ipynb #284c81c6
-def _write_manifest(out: Path, task: str, preset: Config, seed: int, counts: dict, dtype: str, rows: list[dict], elapsed: float):
+def _write_manifest(out: Path, task: str, preset: Config, seed: int, counts: dict, dtype: str, rows: list[dict], elapsed: float,
+                    engine: str = "batched"):
     with open(out / TRUTH, "w") as f:
         for r in rows: f.write(json.dumps(r, default=float) + "\n")
-    man = dict(format="deeplense_nb.simulate/1", task=task, generator=f"deeplense_nb {_version()}", seed=seed,
+    man = dict(format="deeplense_nb.simulate/1", task=task, generator=f"deeplense_nb {_version()}", engine=engine, seed=seed,
                preset=preset.to_dict(), classes=list(preset.classes), counts=counts, dtype=dtype, truth_file=TRUTH,
                images=sum(sum(c.values()) for c in counts.values()))
     atomic_write_text(out / MANIFEST, json.dumps(man, indent=2) + "\n")
     return man
+
+# %% ../nbs/02_simulate.ipynb #4094027f
+ENGINES = ("batched", "per-image")
+
+def _rows(t: dict, keys: tuple, p, lf: bool = False) -> list[dict]:
+    "Per-image truth dicts (JSON-ready) from a batch of `simbatch` truth, with the keys of the per-image samplers."
+    cols = {k: t[k].cpu().tolist() for k in keys}
+    rows = []
+    for i, lab in enumerate(t["label"].tolist()):
+        r = dict(label=p.classes[lab], index=int(t["index"][i]), **{k: cols[k][i] for k in keys})
+        if not lf and r["label"] == "sphere": r.update({k: t[k][i].cpu().tolist() for k in ("sub_mass", "sub_x", "sub_y")})
+        if not lf and r["label"] == "vort":
+            r.update(vort_log_ma=float(t["vort_log_ma"][i]), vort_length=float(t["vort_length"][i]),
+                     vort_angle=float(t["vort_angle"][i]), vort_mass=p.vort_mass)
+        rows.append(r)
+    return rows
+
+_T1_KEYS = ("halo_mass", "theta_E", "q", "phi", "x0", "y0", "gamma1", "gamma2", "src_x", "src_y", "src_R_e", "src_n",
+            "src_q", "src_phi", "peak_counts")
+
+# %% ../nbs/02_simulate.ipynb #bb125aea
+def task1_counts(p: SimPreset, n_train: int, n_val: int) -> dict:
+    "Images per split and class: each split's count spread evenly over the classes."
+    _check_counts(n_train=n_train, n_val=n_val)
+    return {split: dict(zip(p.classes, [n // len(p.classes) + (i < n % len(p.classes)) for i in range(len(p.classes))]))
+            for split, n in (("train", n_train), ("val", n_val))}
+
+def task1_batches(p: SimPreset, counts: dict, *, seed: int = 0, device="cpu", batch_size: int = 128, engine: str = "batched"):
+    "Yield `(files, images (b, 1, H, W) float64 in [0, 1], truth rows)` for every batch of a Task I set, file by file in order."
+    check_choice("engine", engine, ENGINES)
+    for split, per in counts.items():
+        for cls, k in per.items():
+            for b in range(1, k + 1, batch_size):
+                idx = list(range(b, min(k, b + batch_size - 1) + 1))
+                files = [f"{split}/{cls}/{i}.npy" for i in idx]
+                if engine == "per-image":
+                    truth = [sample_truth(p, cls, image_rng(seed, split, cls, i)) for i in idx]
+                    yield files, render(truth, p, device=device).cpu().numpy(), truth
+                    continue
+                t = sample_truth_batch(p, [p.classes.index(cls)] * len(idx), seed=seed, split=f"{split}/{cls}", index=idx, device=device)
+                yield files, minmax(render_batch(t, p, normalize=False).cpu().double()).numpy(), _rows(t, _T1_KEYS, p)
 
 # %% ../nbs/02_simulate.ipynb #b3eaf16c
 def simulate_task1(out: str | Path, *, n_train: int = 30_000, # images in train/, split evenly over the classes
                    n_val: int = 7_500, # images in val/
                    seed: int = 0, preset: str | SimPreset = "model_i", device="cpu",
                    dtype: str = "float64", # "float64" like the real files, or "float32"
-                   batch_size: int = 128, overwrite: bool = False, progress: bool = True) -> dict:
+                   batch_size: int = 128, overwrite: bool = False, progress: bool = True,
+                   engine: str = "batched", # "batched" (`simbatch`) or "per-image" (the reference renderer)
+                  ) -> dict:
     "Simulate a Task I dataset `out/{train,val}/{no,sphere,vort}/N.npy` + manifest; returns the manifest."
     if dtype not in ("float64", "float32"): raise DeepLenseError(f"dtype={dtype!r}; expected 'float64' or 'float32'")
-    _check_counts(n_train=n_train, n_val=n_val)
+    check_choice("engine", engine, ENGINES)
     p = get_preset(preset); t0 = time.time()
-    counts, rows, jobs = {}, [], []
-    for split, n in (("train", n_train), ("val", n_val)):
-        per = [n // len(p.classes) + (i < n % len(p.classes)) for i in range(len(p.classes))]
-        counts[split] = dict(zip(p.classes, per))
-        jobs += [(split, cls, i) for cls, k in zip(p.classes, per) for i in range(1, k + 1)]
-    with _writing(out, overwrite) as d, tqdm(total=len(jobs), desc=f"simulate {p.name}", unit="img", disable=not progress) as bar:
+    counts, rows = task1_counts(p, n_train, n_val), []
+    total = sum(sum(c.values()) for c in counts.values())
+    with _writing(out, overwrite) as d, tqdm(total=total, desc=f"simulate {p.name}", unit="img", disable=not progress) as bar:
         for split in counts:
             for cls in p.classes: (d / split / cls).mkdir(parents=True)
-        for b in range(0, len(jobs), batch_size):
-            chunk = jobs[b:b + batch_size]
-            truth = [sample_truth(p, cls, image_rng(seed, split, cls, i)) for split, cls, i in chunk]
-            imgs = render(truth, p, device=device).cpu().numpy().astype(dtype)
-            for (split, cls, i), im, t in zip(chunk, imgs, truth):
-                rel = f"{split}/{cls}/{i}.npy"; np.save(d / rel, im)
-                rows.append(dict(file=rel, split=split, **t))
-            bar.update(len(chunk))
-        return _write_manifest(d, "task1", p, seed, counts, dtype, rows, time.time() - t0)
+        for files, imgs, truth in task1_batches(p, counts, seed=seed, device=device, batch_size=batch_size, engine=engine):
+            for rel, im, t in zip(files, imgs.astype(dtype), truth):
+                np.save(d / rel, im); rows.append(dict(file=rel, split=rel.split("/")[0], **t))
+            bar.update(len(files))
+        return _write_manifest(d, "task1", p, seed, counts, dtype, rows, time.time() - t0, engine)
+
+# %% ../nbs/02_simulate.ipynb #2c0d65e0
+_LF_KEYS = ("psf_fwhm", "noise_sigma", "n_field", "n_stars")
+_LF_LENS_KEYS = ("theta_E", "q", "phi", "gamma1", "gamma2", "lens_R_e", "src_x", "src_y", "src_R_e", "src_q", "src_phi", "arc_flux")
+
+def _lf_rows(t: dict, p: LensFindingPreset) -> list[dict]:
+    rows = _rows(t, _LF_KEYS + _LF_LENS_KEYS, p, lf=True)
+    for r, c in zip(rows, t["centre"].tolist()):
+        r["centre"] = _CENTRES[c]
+        if c: [r.pop(k) for k in _LF_LENS_KEYS]
+    return rows
+
+def lens_finding_batches(p: LensFindingPreset, counts: dict, *, seed: int = 0, device="cpu", batch_size: int = 256,
+                         engine: str = "batched"):
+    "Yield `(files, images (b, 3, H, W) float32, truth rows)` for every batch of a Task II set (`counts`: {folder: n})."
+    check_choice("engine", engine, ENGINES)
+    for folder, k in counts.items():
+        lens = folder.endswith("_lenses")
+        for b in range(1, k + 1, batch_size):
+            idx = list(range(b, min(k, b + batch_size - 1) + 1))
+            files = [f"{folder}/{i}.npy" for i in idx]
+            if engine == "per-image":
+                truth = [sample_lens_finding(p, lens, image_rng(seed, folder, i)) for i in idx]
+                yield files, np.stack([render_lens_finding(t, p, device=device).cpu().numpy() for t in truth]), truth
+                continue
+            t = sample_lens_finding_batch(p, [int(lens)] * len(idx), seed=seed, split=folder, index=idx, device=device)
+            yield files, render_lens_finding_batch(t, p).cpu().numpy(), _lf_rows(t, p)
 
 # %% ../nbs/02_simulate.ipynb #0ec01f9d
-def simulate_lens_finding(out: str | Path, *, n_train_lenses: int = 1730, n_test_lenses: int = 195,
-                          n_train_nonlenses: int | None = None, # default: n_train_lenses * preset.train_ratio
-                          n_test_nonlenses: int | None = None, # default: n_test_lenses * preset.test_ratio
-                          seed: int = 0, preset: LensFindingPreset | None = None, device="cpu",
-                          overwrite: bool = False, progress: bool = True) -> dict:
-    "Simulate a Task II dataset `out/{train,test}_{lenses,nonlenses}/N.npy` (float32 (3,64,64)) + manifest."
-    p = preset or LensFindingPreset()
+def lens_finding_counts(p: LensFindingPreset, n_train_lenses: int, n_test_lenses: int,
+                        n_train_nonlenses: int | None = None, n_test_nonlenses: int | None = None) -> dict:
+    "Images per Task II folder; non-lenses default to the preset's ratios."
     n = dict(train_lenses=n_train_lenses, test_lenses=n_test_lenses,
              train_nonlenses=n_train_lenses * p.train_ratio if n_train_nonlenses is None else n_train_nonlenses,
              test_nonlenses=n_test_lenses * p.test_ratio if n_test_nonlenses is None else n_test_nonlenses)
     _check_counts(**{f"n_{k}": v for k, v in n.items()})
+    return n
+
+def simulate_lens_finding(out: str | Path, *, n_train_lenses: int = 1730, n_test_lenses: int = 195,
+                          n_train_nonlenses: int | None = None, # default: n_train_lenses * preset.train_ratio
+                          n_test_nonlenses: int | None = None, # default: n_test_lenses * preset.test_ratio
+                          seed: int = 0, preset: LensFindingPreset | None = None, device="cpu",
+                          overwrite: bool = False, progress: bool = True,
+                          engine: str = "batched", # "batched" (`simbatch`) or "per-image" (the reference renderer)
+                          batch_size: int = 256) -> dict:
+    "Simulate a Task II dataset `out/{train,test}_{lenses,nonlenses}/N.npy` (float32 (3,64,64)) + manifest."
+    p = preset or LensFindingPreset(); check_choice("engine", engine, ENGINES)
+    n = lens_finding_counts(p, n_train_lenses, n_test_lenses, n_train_nonlenses, n_test_nonlenses)
     rows, t0 = [], time.time()
     with _writing(out, overwrite) as d, tqdm(total=sum(n.values()), desc="simulate lens_finding", unit="img", disable=not progress) as bar:
-        for folder, k in n.items():
-            (d / folder).mkdir()
-            for i in range(1, k + 1):
-                t = sample_lens_finding(p, folder.endswith("_lenses"), image_rng(seed, folder, i))
-                np.save(d / folder / f"{i}.npy", render_lens_finding(t, p, device=device).cpu().numpy().astype(np.float32))
-                rows.append(dict(file=f"{folder}/{i}.npy", split=folder.split("_")[0], **t)); bar.update(1)
+        for folder in n: (d / folder).mkdir()
+        for files, imgs, truth in lens_finding_batches(p, n, seed=seed, device=device, batch_size=batch_size, engine=engine):
+            for rel, im, t in zip(files, imgs.astype(np.float32), truth):
+                np.save(d / rel, im); rows.append(dict(file=rel, split=rel.split("_")[0], **t))
+            bar.update(len(files))
         counts = {s: {"nonlens": n[f"{s}_nonlenses"], "lens": n[f"{s}_lenses"]} for s in ("train", "test")}
-        return _write_manifest(d, "lens_finding", p, seed, counts, "float32", rows, time.time() - t0)
+        return _write_manifest(d, "lens_finding", p, seed, counts, "float32", rows, time.time() - t0, engine)
 
 # %% ../nbs/02_simulate.ipynb #1e6e4a68
 def simulate_diffusion(out: str | Path, *, n: int = 10_000, seed: int = 0, preset: str | SimPreset = "diffusion",
@@ -384,15 +456,17 @@ def _cli_simulate(p):
     p.add_argument("--test-ratio", type=int, default=100, help="lens-finding: non-lenses per lens in test")
     p.add_argument("--n", type=int, default=10_000, help="diffusion: number of Samples/sample{i}.npy")
     p.add_argument("--overwrite", action="store_true", help="replace an existing simulated dataset in --out")
+    p.add_argument("--engine", default="batched", choices=ENGINES, help="task1/lens-finding: batched (simbatch) or per-image (reference)")
+    p.add_argument("--batch-size", type=int, default=128, help="images rendered at once")
     def run(a):
         t0 = time.time()
         if a.what == "task1":
             man = simulate_task1(a.out, n_train=a.n_train, n_val=a.n_val, seed=a.seed, preset=a.preset or "model_i",
-                                 device=a.device, dtype=a.dtype, overwrite=a.overwrite)
+                                 device=a.device, dtype=a.dtype, overwrite=a.overwrite, engine=a.engine, batch_size=a.batch_size)
         elif a.what == "lens-finding":
             man = simulate_lens_finding(a.out, n_train_lenses=a.n_train_lenses, n_test_lenses=a.n_test_lenses, seed=a.seed,
                                         preset=LensFindingPreset(train_ratio=a.train_ratio, test_ratio=a.test_ratio),
-                                        device=a.device, overwrite=a.overwrite)
+                                        device=a.device, overwrite=a.overwrite, engine=a.engine, batch_size=a.batch_size)
         else:
             man = simulate_diffusion(a.out, n=a.n, seed=a.seed, preset=a.preset or "diffusion", device=a.device, overwrite=a.overwrite)
         dt = time.time() - t0
