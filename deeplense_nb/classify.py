@@ -70,6 +70,7 @@ class TrainConfig(Config):
     on_error: str = "raise"       # bad data files: "raise" (stop before training, naming the file) or "skip" (report and go on)
     num_workers: int = 0          # DataLoader worker processes
     data_on_device: bool = False  # produce batches on the training device (a packed store is held there whole)
+    epoch_size: int | None = None # sim:<preset> data: fresh simulated images per epoch (default 4096)
     seed: int = 0                 # seed of splits, shuffling, augmentation and initialisation
     deterministic: bool = False   # deterministic algorithms (slower)
     model_kwargs: dict = field(default_factory=dict)  # model settings, e.g. {"drop_rate": 0.2} (see `deeplense list-models`)
@@ -202,7 +203,7 @@ def train_classifier(data, # dataset folder (real or simulated layout) or packed
     dls = get_dataloaders(data, task=TASKS.get(cfg.task) if cfg.task else None, batch_size=cfg.batch_size,
                           val_frac=cfg.val_frac, seed=cfg.seed, augment=cfg.augment, num_workers=cfg.num_workers,
                           balance=cfg.balance, subset=cfg.subset, device=dev if cfg.data_on_device else None,
-                          folds=cfg.folds, fold=cfg.fold, on_error=cfg.on_error)
+                          folds=cfg.folds, fold=cfg.fold, on_error=cfg.on_error, epoch_size=cfg.epoch_size)
     learn = _learner(cfg, dls, dev, out, cbs, progress)
     ck, note = (out / "last.ckpt" if resume and (out / "last.ckpt").is_file() else None), _split_note(dls, cfg)
     if ck is not None: _check_resumable(ck, cfg, learn.config)
