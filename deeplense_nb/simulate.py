@@ -19,12 +19,13 @@ from .physics import (pixel_grid, alpha_sie_shear, alpha_point_masses, vortex_po
                                   sersic, gaussian_psf, convolve, smooth_lens_image, theta_E_point_mass)
 from .simbatch import (PRESETS, LensFindingPreset, SimPreset, get_preset, render_batch, render_lens_finding_batch,
                                    sample_lens_finding_batch, sample_truth_batch, _CENTRES)
+_all_ = ["PRESETS", "SimPreset", "get_preset", "LensFindingPreset"]  # the presets, re-exported from simbatch
 
 # %% auto #0
 __all__ = ['MANIFEST', 'TRUTH', 'ENGINES', 'image_rng', 'sample_truth', 'render', 'minmax', 'simulate_batch',
            'sample_lens_finding', 'render_lens_finding', 'task1_counts', 'task1_batches', 'simulate_task1',
            'lens_finding_batches', 'lens_finding_counts', 'simulate_lens_finding', 'simulate_diffusion', 'load_truth',
-           'count_scale', 'image_stats', 'compare_stats']
+           'count_scale', 'image_stats', 'compare_stats', 'PRESETS', 'SimPreset', 'get_preset', 'LensFindingPreset']
 
 # %% ../nbs/02_simulate.ipynb #26a4c662
 def image_rng(seed: int, *keys) -> np.random.Generator:
