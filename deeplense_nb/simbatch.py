@@ -303,7 +303,8 @@ def render_batch(truth: dict, # from `sample_truth_batch`
     img = smooth_lens_image(x, y, theta_E=c("theta_E"), q=c("q"), phi=c("phi"), x0=c("x0"), y0=c("y0"),
                             gamma1=c("gamma1"), gamma2=c("gamma2"), src_x=c("src_x"), src_y=c("src_y"), src_R_e=c("src_R_e"),
                             src_n=c("src_n"), src_q=c("src_q"), src_phi=c("src_phi"), psf_fwhm=p.psf_fwhm,
-                            pixel_scale=p.pixel_scale, alpha=_substructure(t, p, x, y))
+                            pixel_scale=p.pixel_scale, alpha=_substructure(t, p, x, y),
+                            psf_radius=max(1, math.ceil(4 * p.psf_fwhm / FWHM_PER_SIGMA / p.pixel_scale)))  # no device read
     img = (img / img.amax(dim=(-2, -1), keepdim=True) * c("peak_counts") + p.sky_counts).unsqueeze(1)
     if noise:
         img = poisson_counts(img, _noise_uniforms(t["key"], img.shape[1:])).to(dtype)
