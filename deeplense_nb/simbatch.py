@@ -176,7 +176,7 @@ def poisson_counts(lam: Tensor, # expected counts (>= 0), any shape
                    u: Tensor, # uniforms in (0, 1), same shape (e.g. from `uniforms`)
                   ) -> Tensor:
     "Integer Poisson counts from one uniform each: the Cornish-Fisher quantile (accurate for lam >~ 5)."
-    lam = lam.double().clamp(min=0); z = torch.special.ndtri(u.double())
+    lam = lam.clamp(min=0); z = torch.special.ndtri(u.to(lam.dtype))   # in the dtype of lam (images: float32)
     s = lam.sqrt().clamp(min=1e-6)
     w = (lam - 1 / 12).clamp(min=0).sqrt() * z + (z * z - 1) / 6 + (z ** 3 - 3 * z) / (24 * s) - (2 * z ** 3 - 5 * z) / (36 * s)
     return torch.ceil(lam + w - 0.5).clamp(min=0)
@@ -276,9 +276,11 @@ def _substructure(t: dict, p: SimPreset, x: Tensor, y: Tensor) -> tuple[Tensor, 
 
 # %% ../nbs/01a_simbatch.ipynb #ab40ad02
 def _noise_uniforms(key: Tensor, shape: tuple) -> Tensor:
-    "One uniform per pixel of every image `(B, *shape)`, from the image keys' noise stream."
-    pix = torch.arange(math.prod(shape), device=key.device).view(1, *shape)
-    return uniforms(mix64(key ^ _NOISE).view(-1, *[1] * len(shape)), pix)
+    "One float32 uniform per pixel of every image `(B, *shape)` from the image keys' noise stream: two 23-bit uniforms per hash."
+    n = math.prod(shape); half = (n + 1) // 2
+    bits = mix64(mix64(key ^ _NOISE)[:, None] + (torch.arange(half, device=key.device) + 1) * _GOLDEN)
+    k = torch.cat([_srl(bits, 41), (bits >> 9) & ((1 << 23) - 1)], dim=1)[:, :n]
+    return ((k.float() + 0.5) * 2.0 ** -23).view(-1, *shape)
 
 def _minmax(img: Tensor) -> Tensor:
     "Per-image (per-channel) min-max to [0, 1] over the last two dims, without a host sync."
@@ -307,7 +309,7 @@ def render_batch(truth: dict, # from `sample_truth_batch`
                             psf_radius=max(1, math.ceil(4 * p.psf_fwhm / FWHM_PER_SIGMA / p.pixel_scale)))  # no device read
     img = (img / img.amax(dim=(-2, -1), keepdim=True) * c("peak_counts") + p.sky_counts).unsqueeze(1)
     if noise:
-        img = poisson_counts(img, _noise_uniforms(t["key"], img.shape[1:])).to(dtype)
+        img = poisson_counts(img, _noise_uniforms(t["key"], img.shape[1:]))
         if p.read_noise: img = img + p.read_noise * _normal(_noise_uniforms(mix64(t["key"]), img.shape[1:])).to(dtype)
     return _minmax(img) if normalize else img
 
