@@ -1,9 +1,15 @@
-"""Simulator speed: images/s for Model I (all three classes) and lens finding, against lenstronomy in the same run.
+"""Simulator speed: images/s for Model I (all three classes) and lens finding, batched engine vs per-image vs lenstronomy.
+
+Three engines in the same run, end to end (drawing the parameters, rendering, noise, min-max): the batched engine
+(`simbatch.simulate_images`, counter-based randomness), the per-image reference (`simulate.sample_truth` +
+`simulate.render`) and lenstronomy (when installed). Ratios go into the JSON. `--train-model` also times training
+steps of a classifier on the same images, so the JSON says whether the simulator can feed training
+(`sim_over_train` >= 2 means a fresh-simulation stream keeps the model busy less than half the time).
 
 lenstronomy is the engine DeepLenseSim used to make the real Task I data; the comparison renders the same physics
 (SIE + external shear, 25 point-mass subhalos or a 100-point vortex, elliptical Sersic source, Gaussian PSF,
 Poisson noise) at the same size with both codes. Writes JSON (`--out DIR/bench_simulate.json`).
-Run: python benchmarks/bench_simulate.py [--n 240] [--device cuda]
+Run: python benchmarks/bench_simulate.py [--n 240] [--device cuda] [--repeat 3] [--train-model resnet18]
 """
 import argparse, json, math, platform, time
 from pathlib import Path
@@ -11,6 +17,38 @@ import numpy as np
 import torch
 from deeplense_nb.simulate import (get_preset, sample_truth, image_rng, render, CLASSES_T1, LensFindingPreset,
                                    sample_lens_finding, render_lens_finding)
+from deeplense_nb.simbatch import simulate_images
+
+def _sync(device):
+    if str(device).startswith("cuda"): torch.cuda.synchronize()
+
+def _best_rate(fn, n, device, repeat):
+    "Median images/s of `repeat` timed calls of fn() (which makes n images), after one warm-up call."
+    fn(); _sync(device); rates = []
+    for _ in range(repeat):
+        t0 = time.perf_counter(); fn(); _sync(device); rates.append(n / (time.perf_counter() - t0))
+    return float(np.median(rates)), [round(r, 2) for r in rates]
+
+def bench_batched(n, device, repeat, preset="model_i", batch=128):
+    return _best_rate(lambda: simulate_images(n, preset, seed=0, split="bench", device=device, batch_size=batch), n, device, repeat)
+
+def bench_per_image(n, device, repeat, batch=120):
+    "The per-image reference end to end: numpy draws per image, batched render, per-image numpy Poisson noise."
+    p = get_preset("model_i")
+    def run():
+        truth = [sample_truth(p, CLASSES_T1[i % 3], image_rng(0, "bench", CLASSES_T1[i % 3], i)) for i in range(n)]
+        for b in range(0, n, batch): render(truth[b:b + batch], p, device=device)
+    return _best_rate(run, n, device, repeat)
+
+def bench_train(model_name, device, repeat, batch=32, steps=4):
+    "Training images/s of a classifier (forward, backward, AdamW step) on 150 x 150 single-band batches."
+    from deeplense_nb.models import create_model
+    net = create_model(model_name, in_chans=1, num_classes=3).to(device); opt = torch.optim.AdamW(net.parameters(), 1e-3)
+    x, y = torch.rand(batch, 1, 150, 150, device=device), torch.arange(batch, device=device) % 3
+    def run():
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(net(x), y); opt.zero_grad(); loss.backward(); opt.step()
+    return _best_rate(run, batch * steps, device, repeat)
 
 def bench_ours(n, device, batch=120):
     p = get_preset("model_i")
@@ -70,25 +108,37 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=240, help="Model I images to render")
     ap.add_argument("--n-lenstronomy", type=int, default=60, help="images for lenstronomy (slower)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cuda figures only when a GPU exists)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed repetitions (medians reported)")
+    ap.add_argument("--train-model", default="resnet18", help="classifier whose training speed is compared ('' to skip)")
     ap.add_argument("--out", default="bench_results")
     a = ap.parse_args()
+    if a.device.startswith("cuda") and not torch.cuda.is_available(): raise SystemExit("--device cuda: no GPU on this machine")
     res = dict(benchmark="simulate", machine=platform.processor() or platform.machine(), torch_threads=torch.get_num_threads(),
-               device=a.device, n=a.n)
-    res["model_i_img_per_s"], truth = bench_ours(a.n, a.device)
-    res["lens_finding_img_per_s"] = bench_lens_finding(max(a.n // 2, 20), a.device)
-    if torch.cuda.is_available() and a.device == "cpu":
-        res["model_i_img_per_s_cuda"], _ = bench_ours(a.n * 4, "cuda")
-        res["gpu"] = torch.cuda.get_device_name(0)
+               device=a.device, n=a.n, repeat=a.repeat)
+    if a.device.startswith("cuda"): res["gpu"] = torch.cuda.get_device_name(0)
+    res["batched_model_i_img_per_s"], res["batched_model_i_runs"] = bench_batched(a.n, a.device, a.repeat)
+    res["per_image_model_i_img_per_s"], res["per_image_model_i_runs"] = bench_per_image(a.n, a.device, a.repeat)
+    res["batched_over_per_image"] = res["batched_model_i_img_per_s"] / res["per_image_model_i_img_per_s"]
+    res["model_i_img_per_s"], truth = bench_ours(a.n, a.device)   # render only, from drawn truth (the earlier figure)
+    nl = max(a.n // 2, 20)
+    res["batched_lens_finding_img_per_s"], _ = bench_batched(nl * 4, a.device, a.repeat, preset="lens_finding", batch=256)
+    res["lens_finding_img_per_s"] = bench_lens_finding(nl, a.device)
+    res["batched_over_per_image_lens_finding"] = res["batched_lens_finding_img_per_s"] / res["lens_finding_img_per_s"]
+    if a.train_model:
+        res["train_model"] = a.train_model
+        res["train_img_per_s"], res["train_runs"] = bench_train(a.train_model, a.device, a.repeat)
+        res["sim_over_train"] = res["batched_model_i_img_per_s"] / res["train_img_per_s"]
     try:
         import lenstronomy
         res["lenstronomy_version"] = lenstronomy.__version__
         res["lenstronomy_model_i_img_per_s"] = bench_lenstronomy(truth, min(a.n_lenstronomy, a.n))
         res["speedup_vs_lenstronomy"] = res["model_i_img_per_s"] / res["lenstronomy_model_i_img_per_s"]
+        res["batched_over_lenstronomy"] = res["batched_model_i_img_per_s"] / res["lenstronomy_model_i_img_per_s"]
     except ImportError:
         res["lenstronomy_version"] = None
         res["note"] = "lenstronomy not installed (pip install 'deeplense-nb[bench]'): no comparison"
-    res["full_task1_minutes_estimate"] = 37_500 / res["model_i_img_per_s"] / 60
+    res["full_task1_minutes_estimate"] = 37_500 / res["batched_model_i_img_per_s"] / 60
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     (out / "bench_simulate.json").write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))

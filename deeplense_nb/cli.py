@@ -14,7 +14,7 @@ __all__ = ['COMMANDS', 'subcommand', 'available_commands', 'user_message', 'buil
 # %% ../nbs/10_cli.ipynb #1e2f7409
 COMMANDS = {  # name: ("module:builder", help)
     "info":        ("deeplense_nb.cli:_info", "print package, python, torch and torchvision versions and the device"),
-    "simulate":    ("deeplense_nb.simulate:_cli_simulate", "simulate a DeepLense dataset (task1, lens-finding, diffusion) in the real layout"),
+    "simulate":    ("deeplense_nb.data.sim:_cli_simulate", "simulate a DeepLense dataset (task1, lens-finding, diffusion) in the real layout or a packed store"),
     "pack":        ("deeplense_nb.data.store:_cli_pack", "pack a dataset folder into one memory-mapped store for fast training"),
     "list-models": ("deeplense_nb.models:_cli_list_models", "list the registered models"),
     "train":       ("deeplense_nb.classify:_cli_train", "train a classifier on a dataset folder or packed store"),

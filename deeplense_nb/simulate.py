@@ -8,88 +8,24 @@ Docs: https://ml4sci.github.io/deeplense_nb/simulate.html.md"""
 from __future__ import annotations
 import fcntl, hashlib, json, math, os, shutil, time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from .core import CLASSES_T1, Config, DeepLenseError, atomic_write_text, get_device
+from .core import CLASSES_T1, Config, DeepLenseError, atomic_write_text, check_choice, get_device
 from .physics import (pixel_grid, alpha_sie_shear, alpha_point_masses, vortex_positions, lens_equation,
                                   sersic, gaussian_psf, convolve, smooth_lens_image, theta_E_point_mass)
+from .simbatch import (PRESETS, LensFindingPreset, SimPreset, get_preset, render_batch, render_lens_finding_batch,
+                                   sample_lens_finding_batch, sample_truth_batch, _CENTRES)
+_all_ = ["PRESETS", "SimPreset", "get_preset", "LensFindingPreset"]  # the presets, re-exported from simbatch
 
 # %% auto #0
-__all__ = ['PRESETS', 'MANIFEST', 'TRUTH', 'SimPreset', 'get_preset', 'image_rng', 'sample_truth', 'render', 'minmax',
-           'simulate_batch', 'LensFindingPreset', 'sample_lens_finding', 'render_lens_finding', 'simulate_task1',
-           'simulate_lens_finding', 'simulate_diffusion', 'load_truth', 'count_scale', 'image_stats', 'compare_stats']
-
-# %% ../nbs/02_simulate.ipynb #cf27676a
-@dataclass
-class SimPreset(Config):
-    "Every knob of the substructure simulator (Model I/II/III and the diffusion set). Ranges are (low, high), uniform."
-    name: str = "model_i"
-    # instrument
-    npix: int = 150                      # pixels per side
-    pixel_scale: float = 0.05            # arcsec per pixel
-    psf_fwhm: float = 0.16               # Gaussian PSF FWHM, arcsec (fitted on the real images; the recipe says 0.087)
-    sky_counts: float = 11.5             # flat sky background per pixel, photon counts
-    peak_counts: tuple = (680.0, 900.0)  # peak lensed-source counts per pixel (sets the SNR)
-    read_noise: float = 0.0              # extra Gaussian noise per pixel, counts (0: pure Poisson like the real data)
-    # cosmology
-    z_l: float = 0.5
-    z_s: float = 1.0
-    # main lens: SIE of a halo + external shear
-    halo_mass: tuple = (1e12, 1e12)      # solar masses (log-uniform); sets theta_E with DeepLenseSim's convention
-    theta_E_scatter: tuple = (0.82, 1.22) # extra multiplicative theta_E factor (uniform), real rings vary in radius
-    lens_q: tuple = (0.8, 0.98)          # SIE axis ratio
-    lens_phi: tuple = (1.5707963267948966, 1.5707963267948966)  # SIE mass orientation, rad (real data: fixed; rings wider along x)
-    shear: tuple = (0.0, 0.28)           # external shear magnitude
-    shear_phi: tuple = (0.0, 0.0)        # shear orientation, rad (the real data: fixed, gamma2 = 0)
-    lens_center: float = 0.0             # lens centre offset, arcsec (uniform in a square of this half-width)
-    # source: elliptical Sersic
-    src_R_e: tuple = (0.4, 0.5)          # half-light radius, arcsec
-    src_n: tuple = (1.3, 1.3)            # Sersic index
-    src_q: tuple = (0.4, 0.9)            # axis ratio
-    src_phi: tuple = (0.0, 0.0)          # orientation, rad (the real sources share one orientation)
-    src_center: float = 0.45             # source centre uniform in [-src_center, src_center]^2, arcsec
-    # substructure: sphere = CDM subhalos, vort = a vortex line of point masses
-    sub_n: int = 25                      # subhalos per sphere image
-    sub_mass: tuple = (1e6, 1e10)        # subhalo mass range, solar masses
-    sub_slope: float = -0.9              # dN/dm ~ m^sub_slope (what DeepLenseSim's code draws)
-    sub_radius: tuple = (0.25, 2.0)      # subhalo distance from the lens centre, arcsec
-    vort_mass: float = 8e10              # total vortex mass, solar masses (recipe 3e10; the real vort residuals need ~8e10)
-    vort_n: int = 100                    # point masses along the vortex
-    vort_log_ma: tuple = (-24.0, -22.0)  # log10 axion mass / eV; half-length = vort_len_scale * 1e-22 / m_a
-    vort_len_scale: float = 0.03         # arcsec
-    softening: float = 0.01              # point-mass softening, arcsec
-    classes: tuple = CLASSES_T1
-
-    def __post_init__(self):
-        if self.npix < 8: raise DeepLenseError(f"npix={self.npix} is too small")
-        bad = set(self.classes) - set(CLASSES_T1)
-        if bad: raise DeepLenseError(f"unknown class(es) {sorted(bad)}; the substructure classes are {CLASSES_T1}")
-
-# %% ../nbs/02_simulate.ipynb #f66919f5
-PRESETS: dict[str, SimPreset] = {
-    "model_i": SimPreset(),
-    "deeplensesim_recipe": SimPreset(name="deeplensesim_recipe", psf_fwhm=0.087, sky_counts=10.0, peak_counts=(700.0, 900.0),
-                                     theta_E_scatter=(1.0, 1.0), lens_q=(0.818, 0.818), lens_phi=(0.0, 0.0),
-                                     shear=(0.05, 0.05), src_R_e=(0.25, 0.25), src_n=(1.0, 1.0), src_q=(0.752, 0.752),
-                                     src_phi=(1.178, 1.178), src_center=0.35, vort_mass=3e10),  # e1=0.1; src e1=-0.1, e2=0.1
-    "model_ii": SimPreset(name="model_ii", npix=64, pixel_scale=0.101, psf_fwhm=0.16, sky_counts=20.0,
-                          peak_counts=(250.0, 400.0)),
-    "model_iii": SimPreset(name="model_iii", npix=64, pixel_scale=0.08, psf_fwhm=0.1, sky_counts=10.0,
-                           peak_counts=(500.0, 800.0)),
-    "diffusion": SimPreset(name="diffusion"),
-}
-
-def get_preset(preset: str | SimPreset = "model_i", **overrides) -> SimPreset:
-    "A preset by name (or the given one), with fields overridden."
-    if isinstance(preset, SimPreset): p = preset
-    elif preset in PRESETS: p = PRESETS[preset]
-    else: raise DeepLenseError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)} (lens finding: 'lens_finding')")
-    return p.replace(**overrides) if overrides else p
+__all__ = ['MANIFEST', 'TRUTH', 'ENGINES', 'image_rng', 'sample_truth', 'render', 'minmax', 'simulate_batch',
+           'sample_lens_finding', 'render_lens_finding', 'task1_counts', 'task1_batches', 'simulate_task1',
+           'lens_finding_batches', 'lens_finding_counts', 'simulate_lens_finding', 'simulate_diffusion', 'load_truth',
+           'count_scale', 'image_stats', 'compare_stats', 'PRESETS', 'SimPreset', 'get_preset', 'LensFindingPreset']
 
 # %% ../nbs/02_simulate.ipynb #26a4c662
 def image_rng(seed: int, *keys) -> np.random.Generator:
@@ -221,31 +157,6 @@ def simulate_batch(n: int, *, preset: str | SimPreset = "model_i", labels=None, 
     imgs = render(truth, p, device=device, noise=noise, normalize=True)
     return imgs.float(), labels, truth
 
-# %% ../nbs/02_simulate.ipynb #1efb8b3c
-@dataclass
-class LensFindingPreset(Config):
-    "Knobs of the three-band lens-finding simulator (Task II). Ranges are (low, high), uniform."
-    name: str = "lens_finding"
-    npix: int = 64
-    pixel_scale: float = 0.2            # arcsec per pixel (ground-based survey)
-    psf_fwhm: tuple = (0.6, 1.0)        # seeing FWHM, arcsec
-    bands: tuple = ("g", "r", "i")
-    lens_sed: tuple = (0.25, 0.6, 1.0)  # g, r, i flux ratios of the red lens galaxy
-    src_sed: tuple = (1.0, 0.85, 0.6)   # g, r, i flux ratios of the blue lensed source
-    theta_E: tuple = (0.8, 2.2)         # arcsec
-    lens_q: tuple = (0.5, 1.0)
-    shear: tuple = (0.0, 0.1)
-    lens_R_e: tuple = (0.4, 1.2)        # lens light half-light radius, arcsec
-    src_R_e: tuple = (0.1, 0.35)        # arcsec
-    src_center: float = 0.5             # arcsec
-    arc_to_lens_flux: tuple = (0.15, 0.8)  # total arc flux / lens-galaxy flux (in the g band after SEDs)
-    n_field: tuple = (0, 5)             # field galaxies per cutout (uniform integer)
-    n_stars: tuple = (0, 2)
-    noise_sigma: tuple = (0.01, 0.08)   # Gaussian sky noise per band, in units of the lens-galaxy peak (i band)
-    train_ratio: int = 16               # non-lenses per lens in train (real: 28675 / 1730 = 16.6)
-    test_ratio: int = 100               # non-lenses per lens in test (real: 19455 / 195 = 99.8)
-    classes: tuple = ("nonlens", "lens")
-
 # %% ../nbs/02_simulate.ipynb #9f451b32
 def _lf_object(rng, p, x, y, kind):
     "One field object as (3, H, W) flux: an elliptical, a disc galaxy or a star, at a random position."
@@ -364,65 +275,136 @@ def _writing(out: str | Path, overwrite: bool):
         finally: shutil.rmtree(tmp, ignore_errors=True)
 
 # %% ../nbs/02_simulate.ipynb #284c81c6
-def _write_manifest(out: Path, task: str, preset: Config, seed: int, counts: dict, dtype: str, rows: list[dict], elapsed: float):
+def _write_manifest(out: Path, task: str, preset: Config, seed: int, counts: dict, dtype: str, rows: list[dict], elapsed: float,
+                    engine: str = "batched"):
     with open(out / TRUTH, "w") as f:
         for r in rows: f.write(json.dumps(r, default=float) + "\n")
-    man = dict(format="deeplense_nb.simulate/1", task=task, generator=f"deeplense_nb {_version()}", seed=seed,
+    man = dict(format="deeplense_nb.simulate/1", task=task, generator=f"deeplense_nb {_version()}", engine=engine, seed=seed,
                preset=preset.to_dict(), classes=list(preset.classes), counts=counts, dtype=dtype, truth_file=TRUTH,
                images=sum(sum(c.values()) for c in counts.values()))
     atomic_write_text(out / MANIFEST, json.dumps(man, indent=2) + "\n")
     return man
+
+# %% ../nbs/02_simulate.ipynb #4094027f
+ENGINES = ("batched", "per-image")
+
+def _rows(t: dict, keys: tuple, p, lf: bool = False) -> list[dict]:
+    "Per-image truth dicts (JSON-ready) from a batch of `simbatch` truth, with the keys of the per-image samplers."
+    cols = {k: t[k].cpu().tolist() for k in keys}
+    rows = []
+    for i, lab in enumerate(t["label"].tolist()):
+        r = dict(label=p.classes[lab], index=int(t["index"][i]), **{k: cols[k][i] for k in keys})
+        if not lf and r["label"] == "sphere": r.update({k: t[k][i].cpu().tolist() for k in ("sub_mass", "sub_x", "sub_y")})
+        if not lf and r["label"] == "vort":
+            r.update(vort_log_ma=float(t["vort_log_ma"][i]), vort_length=float(t["vort_length"][i]),
+                     vort_angle=float(t["vort_angle"][i]), vort_mass=p.vort_mass)
+        rows.append(r)
+    return rows
+
+_T1_KEYS = ("halo_mass", "theta_E", "q", "phi", "x0", "y0", "gamma1", "gamma2", "src_x", "src_y", "src_R_e", "src_n",
+            "src_q", "src_phi", "peak_counts")
+
+# %% ../nbs/02_simulate.ipynb #bb125aea
+def task1_counts(p: SimPreset, n_train: int, n_val: int) -> dict:
+    "Images per split and class: each split's count spread evenly over the classes."
+    _check_counts(n_train=n_train, n_val=n_val)
+    return {split: dict(zip(p.classes, [n // len(p.classes) + (i < n % len(p.classes)) for i in range(len(p.classes))]))
+            for split, n in (("train", n_train), ("val", n_val))}
+
+def task1_batches(p: SimPreset, counts: dict, *, seed: int = 0, device="cpu", batch_size: int = 128, engine: str = "batched"):
+    "Yield `(files, images (b, 1, H, W) float64 in [0, 1], truth rows)` for every batch of a Task I set, file by file in order."
+    check_choice("engine", engine, ENGINES)
+    for split, per in counts.items():
+        for cls, k in per.items():
+            for b in range(1, k + 1, batch_size):
+                idx = list(range(b, min(k, b + batch_size - 1) + 1))
+                files = [f"{split}/{cls}/{i}.npy" for i in idx]
+                if engine == "per-image":
+                    truth = [sample_truth(p, cls, image_rng(seed, split, cls, i)) for i in idx]
+                    yield files, render(truth, p, device=device).cpu().numpy(), truth
+                    continue
+                t = sample_truth_batch(p, [p.classes.index(cls)] * len(idx), seed=seed, split=f"{split}/{cls}", index=idx, device=device)
+                yield files, minmax(render_batch(t, p, normalize=False).cpu().double()).numpy(), _rows(t, _T1_KEYS, p)
 
 # %% ../nbs/02_simulate.ipynb #b3eaf16c
 def simulate_task1(out: str | Path, *, n_train: int = 30_000, # images in train/, split evenly over the classes
                    n_val: int = 7_500, # images in val/
                    seed: int = 0, preset: str | SimPreset = "model_i", device="cpu",
                    dtype: str = "float64", # "float64" like the real files, or "float32"
-                   batch_size: int = 128, overwrite: bool = False, progress: bool = True) -> dict:
+                   batch_size: int = 128, overwrite: bool = False, progress: bool = True,
+                   engine: str = "batched", # "batched" (`simbatch`) or "per-image" (the reference renderer)
+                  ) -> dict:
     "Simulate a Task I dataset `out/{train,val}/{no,sphere,vort}/N.npy` + manifest; returns the manifest."
     if dtype not in ("float64", "float32"): raise DeepLenseError(f"dtype={dtype!r}; expected 'float64' or 'float32'")
-    _check_counts(n_train=n_train, n_val=n_val)
+    check_choice("engine", engine, ENGINES)
     p = get_preset(preset); t0 = time.time()
-    counts, rows, jobs = {}, [], []
-    for split, n in (("train", n_train), ("val", n_val)):
-        per = [n // len(p.classes) + (i < n % len(p.classes)) for i in range(len(p.classes))]
-        counts[split] = dict(zip(p.classes, per))
-        jobs += [(split, cls, i) for cls, k in zip(p.classes, per) for i in range(1, k + 1)]
-    with _writing(out, overwrite) as d, tqdm(total=len(jobs), desc=f"simulate {p.name}", unit="img", disable=not progress) as bar:
+    counts, rows = task1_counts(p, n_train, n_val), []
+    total = sum(sum(c.values()) for c in counts.values())
+    with _writing(out, overwrite) as d, tqdm(total=total, desc=f"simulate {p.name}", unit="img", disable=not progress) as bar:
         for split in counts:
             for cls in p.classes: (d / split / cls).mkdir(parents=True)
-        for b in range(0, len(jobs), batch_size):
-            chunk = jobs[b:b + batch_size]
-            truth = [sample_truth(p, cls, image_rng(seed, split, cls, i)) for split, cls, i in chunk]
-            imgs = render(truth, p, device=device).cpu().numpy().astype(dtype)
-            for (split, cls, i), im, t in zip(chunk, imgs, truth):
-                rel = f"{split}/{cls}/{i}.npy"; np.save(d / rel, im)
-                rows.append(dict(file=rel, split=split, **t))
-            bar.update(len(chunk))
-        return _write_manifest(d, "task1", p, seed, counts, dtype, rows, time.time() - t0)
+        for files, imgs, truth in task1_batches(p, counts, seed=seed, device=device, batch_size=batch_size, engine=engine):
+            for rel, im, t in zip(files, imgs.astype(dtype), truth):
+                np.save(d / rel, im); rows.append(dict(file=rel, split=rel.split("/")[0], **t))
+            bar.update(len(files))
+        return _write_manifest(d, "task1", p, seed, counts, dtype, rows, time.time() - t0, engine)
+
+# %% ../nbs/02_simulate.ipynb #2c0d65e0
+_LF_KEYS = ("psf_fwhm", "noise_sigma", "n_field", "n_stars")
+_LF_LENS_KEYS = ("theta_E", "q", "phi", "gamma1", "gamma2", "lens_R_e", "src_x", "src_y", "src_R_e", "src_q", "src_phi", "arc_flux")
+
+def _lf_rows(t: dict, p: LensFindingPreset) -> list[dict]:
+    rows = _rows(t, _LF_KEYS + _LF_LENS_KEYS, p, lf=True)
+    for r, c in zip(rows, t["centre"].tolist()):
+        r["centre"] = _CENTRES[c]
+        if c: [r.pop(k) for k in _LF_LENS_KEYS]
+    return rows
+
+def lens_finding_batches(p: LensFindingPreset, counts: dict, *, seed: int = 0, device="cpu", batch_size: int = 256,
+                         engine: str = "batched"):
+    "Yield `(files, images (b, 3, H, W) float32, truth rows)` for every batch of a Task II set (`counts`: {folder: n})."
+    check_choice("engine", engine, ENGINES)
+    for folder, k in counts.items():
+        lens = folder.endswith("_lenses")
+        for b in range(1, k + 1, batch_size):
+            idx = list(range(b, min(k, b + batch_size - 1) + 1))
+            files = [f"{folder}/{i}.npy" for i in idx]
+            if engine == "per-image":
+                truth = [sample_lens_finding(p, lens, image_rng(seed, folder, i)) for i in idx]
+                yield files, np.stack([render_lens_finding(t, p, device=device).cpu().numpy() for t in truth]), truth
+                continue
+            t = sample_lens_finding_batch(p, [int(lens)] * len(idx), seed=seed, split=folder, index=idx, device=device)
+            yield files, render_lens_finding_batch(t, p).cpu().numpy(), _lf_rows(t, p)
 
 # %% ../nbs/02_simulate.ipynb #0ec01f9d
-def simulate_lens_finding(out: str | Path, *, n_train_lenses: int = 1730, n_test_lenses: int = 195,
-                          n_train_nonlenses: int | None = None, # default: n_train_lenses * preset.train_ratio
-                          n_test_nonlenses: int | None = None, # default: n_test_lenses * preset.test_ratio
-                          seed: int = 0, preset: LensFindingPreset | None = None, device="cpu",
-                          overwrite: bool = False, progress: bool = True) -> dict:
-    "Simulate a Task II dataset `out/{train,test}_{lenses,nonlenses}/N.npy` (float32 (3,64,64)) + manifest."
-    p = preset or LensFindingPreset()
+def lens_finding_counts(p: LensFindingPreset, n_train_lenses: int, n_test_lenses: int,
+                        n_train_nonlenses: int | None = None, n_test_nonlenses: int | None = None) -> dict:
+    "Images per Task II folder; non-lenses default to the preset's ratios."
     n = dict(train_lenses=n_train_lenses, test_lenses=n_test_lenses,
              train_nonlenses=n_train_lenses * p.train_ratio if n_train_nonlenses is None else n_train_nonlenses,
              test_nonlenses=n_test_lenses * p.test_ratio if n_test_nonlenses is None else n_test_nonlenses)
     _check_counts(**{f"n_{k}": v for k, v in n.items()})
+    return n
+
+def simulate_lens_finding(out: str | Path, *, n_train_lenses: int = 1730, n_test_lenses: int = 195,
+                          n_train_nonlenses: int | None = None, # default: n_train_lenses * preset.train_ratio
+                          n_test_nonlenses: int | None = None, # default: n_test_lenses * preset.test_ratio
+                          seed: int = 0, preset: LensFindingPreset | None = None, device="cpu",
+                          overwrite: bool = False, progress: bool = True,
+                          engine: str = "batched", # "batched" (`simbatch`) or "per-image" (the reference renderer)
+                          batch_size: int = 256) -> dict:
+    "Simulate a Task II dataset `out/{train,test}_{lenses,nonlenses}/N.npy` (float32 (3,64,64)) + manifest."
+    p = preset or LensFindingPreset(); check_choice("engine", engine, ENGINES)
+    n = lens_finding_counts(p, n_train_lenses, n_test_lenses, n_train_nonlenses, n_test_nonlenses)
     rows, t0 = [], time.time()
     with _writing(out, overwrite) as d, tqdm(total=sum(n.values()), desc="simulate lens_finding", unit="img", disable=not progress) as bar:
-        for folder, k in n.items():
-            (d / folder).mkdir()
-            for i in range(1, k + 1):
-                t = sample_lens_finding(p, folder.endswith("_lenses"), image_rng(seed, folder, i))
-                np.save(d / folder / f"{i}.npy", render_lens_finding(t, p, device=device).cpu().numpy().astype(np.float32))
-                rows.append(dict(file=f"{folder}/{i}.npy", split=folder.split("_")[0], **t)); bar.update(1)
+        for folder in n: (d / folder).mkdir()
+        for files, imgs, truth in lens_finding_batches(p, n, seed=seed, device=device, batch_size=batch_size, engine=engine):
+            for rel, im, t in zip(files, imgs.astype(np.float32), truth):
+                np.save(d / rel, im); rows.append(dict(file=rel, split=rel.split("_")[0], **t))
+            bar.update(len(files))
         counts = {s: {"nonlens": n[f"{s}_nonlenses"], "lens": n[f"{s}_lenses"]} for s in ("train", "test")}
-        return _write_manifest(d, "lens_finding", p, seed, counts, "float32", rows, time.time() - t0)
+        return _write_manifest(d, "lens_finding", p, seed, counts, "float32", rows, time.time() - t0, engine)
 
 # %% ../nbs/02_simulate.ipynb #1e6e4a68
 def simulate_diffusion(out: str | Path, *, n: int = 10_000, seed: int = 0, preset: str | SimPreset = "diffusion",
@@ -475,15 +457,17 @@ def _cli_simulate(p):
     p.add_argument("--test-ratio", type=int, default=100, help="lens-finding: non-lenses per lens in test")
     p.add_argument("--n", type=int, default=10_000, help="diffusion: number of Samples/sample{i}.npy")
     p.add_argument("--overwrite", action="store_true", help="replace an existing simulated dataset in --out")
+    p.add_argument("--engine", default="batched", choices=ENGINES, help="task1/lens-finding: batched (simbatch) or per-image (reference)")
+    p.add_argument("--batch-size", type=int, default=128, help="images rendered at once")
     def run(a):
         t0 = time.time()
         if a.what == "task1":
             man = simulate_task1(a.out, n_train=a.n_train, n_val=a.n_val, seed=a.seed, preset=a.preset or "model_i",
-                                 device=a.device, dtype=a.dtype, overwrite=a.overwrite)
+                                 device=a.device, dtype=a.dtype, overwrite=a.overwrite, engine=a.engine, batch_size=a.batch_size)
         elif a.what == "lens-finding":
             man = simulate_lens_finding(a.out, n_train_lenses=a.n_train_lenses, n_test_lenses=a.n_test_lenses, seed=a.seed,
                                         preset=LensFindingPreset(train_ratio=a.train_ratio, test_ratio=a.test_ratio),
-                                        device=a.device, overwrite=a.overwrite)
+                                        device=a.device, overwrite=a.overwrite, engine=a.engine, batch_size=a.batch_size)
         else:
             man = simulate_diffusion(a.out, n=a.n, seed=a.seed, preset=a.preset or "diffusion", device=a.device, overwrite=a.overwrite)
         dt = time.time() - t0

@@ -1,0 +1,100 @@
+"""Batched simulator: counter-based randomness (batch-size independence), the per-image simulator's statistics,
+the packed-store output, and training on a stream of fresh simulations."""
+import json
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from deeplense_nb import simbatch as sb
+from deeplense_nb.simulate import get_preset, image_rng, image_stats, render, sample_lens_finding, sample_truth, LensFindingPreset
+
+def _ref_mix(v):
+    m = (1 << 64) - 1
+    v = ((v ^ (v >> 30)) * 0xBF58476D1CE4E5B9) & m
+    v = ((v ^ (v >> 27)) * 0x94D049BB133111EB) & m
+    return v ^ (v >> 31)
+
+def test_mix64_is_splitmix64():
+    w = [0, 1, 7, 2**62 + 3, 2**63, 2**64 - 1]
+    assert sb.mix64(torch.tensor([sb._i64(v) for v in w])).tolist() == [sb._i64(_ref_mix(v)) for v in w]
+
+@pytest.mark.parametrize("preset", ["model_ii", "lens_finding"])
+def test_batch_size_and_subset_independence(preset):
+    x7, y7 = sb.simulate_images(20, preset, seed=4, batch_size=7)
+    x64, y64 = sb.simulate_images(20, preset, seed=4, batch_size=64)
+    assert torch.equal(x7, x64) and torch.equal(y7, y64)
+    idx = torch.tensor([19, 3, 11])
+    xs, ys = sb.simulate_images(idx, preset, seed=4, batch_size=2)
+    assert torch.equal(xs, x64[idx]) and torch.equal(ys, y64[idx])
+    assert not torch.equal(sb.simulate_images(3, preset, seed=5)[0], x64[:3])
+
+def test_model_i_truth_distributions():
+    p, n = get_preset("model_i"), 1200
+    old = [sample_truth(p, p.classes[i % 3], image_rng(3, "t", p.classes[i % 3], i)) for i in range(n)]
+    new = sb.sample_truth_batch(p, torch.arange(n) % 3, seed=3, split="t")
+    for k in ("halo_mass", "theta_E", "q", "phi", "gamma1", "gamma2", "src_x", "src_y", "src_R_e", "src_n", "src_q", "src_phi", "peak_counts"):
+        a, b = np.array([o[k] for o in old]), new[k].numpy()
+        if a.std() == 0: assert np.allclose(b, a[0], rtol=1e-12), k
+        else: assert stats.ks_2samp(a, b).pvalue > 1e-3, k
+    for cls, keys in ((1, ("sub_mass", "sub_x", "sub_y")), (2, ("vort_log_ma", "vort_length", "vort_angle"))):
+        sel = new["label"] == cls
+        for k in keys:
+            a = np.concatenate([np.ravel(o[k]) for o in old if o["label"] == p.classes[cls]])
+            assert stats.ks_2samp(a, new[k][sel].ravel().numpy()).pvalue > 1e-3, k
+
+def test_lens_finding_truth_distributions():
+    p, n = LensFindingPreset(), 1200
+    old = [sample_lens_finding(p, i % 2 == 1, image_rng(3, "t", i)) for i in range(n)]
+    new = sb.sample_lens_finding_batch(p, torch.arange(n) % 2, seed=3, split="t")
+    for k in ("psf_fwhm", "noise_sigma", "n_field", "n_stars"):
+        assert stats.ks_2samp([o[k] for o in old], new[k].numpy()).pvalue > 1e-3, k
+    lens = new["label"] == 1
+    for k in ("theta_E", "q", "phi", "gamma1", "gamma2", "lens_R_e", "src_x", "src_y", "src_R_e", "src_q", "src_phi", "arc_flux"):
+        assert stats.ks_2samp([o[k] for o in old if o["label"] == "lens"], new[k][lens].numpy()).pvalue > 1e-3, k
+
+def test_poisson_noise_matches_numpy():
+    rng = np.random.default_rng(0)
+    for lam in (10.0, 40.0, 700.0):
+        k = sb.poisson_counts(torch.full((300_000,), lam), torch.rand(300_000, dtype=torch.float64)).numpy()
+        ref = rng.poisson(lam, 300_000)
+        assert np.all(k == np.round(k))
+        for f in (np.mean, np.var):
+            assert abs(f(k) / f(ref) - 1) < 0.02, (lam, f.__name__, f(k), f(ref))
+
+def test_pixel_statistics_match_per_image_renderer():
+    p, n = get_preset("model_ii"), 60
+    old = render([sample_truth(p, p.classes[i % 3], image_rng(6, "px", p.classes[i % 3], i)) for i in range(n)], p).numpy()
+    new = sb.simulate_images(n, p, seed=6, split="px")[0].double().numpy()
+    for k in ("N", "sky_counts", "flux", "ring_radius", "mean", "std"):
+        a, b = [image_stats(im)[k] for im in old], [image_stats(im)[k] for im in new]
+        assert abs(np.mean(a) - np.mean(b)) < 4 * np.std(a) * (2 / n) ** 0.5 + 0.03 * abs(np.mean(a)), (k, np.mean(a), np.mean(b))
+
+def test_simulate_store_cli(tmp_path, capsys):
+    from deeplense_nb.data import PackedDataset, get_dataloaders, open_dataset
+    from deeplense_nb.cli import main
+    cli = lambda *a: main([str(v) for v in a])
+    assert cli("simulate", "task1", "--out", tmp_path / "s", "--format", "store", "--n-train", 6, "--n-val", 3, "--seed", 1) == 0
+    assert cli("simulate", "task1", "--out", tmp_path / "f", "--n-train", 6, "--n-val", 3, "--seed", 1) == 0
+    ds = open_dataset(tmp_path / "s")
+    assert isinstance(ds, PackedDataset) and len(ds) == 9 and list(ds.split_names) == ["train", "val"]
+    for i, f in enumerate(ds.files): assert np.array_equal(ds[i][0].numpy(), np.load(tmp_path / "f" / f).astype(np.float32))
+    assert len(list((tmp_path / "s").rglob("*.npy"))) == 2   # labels.npy and splits.npy only
+    dls = get_dataloaders(tmp_path / "s", batch_size=3)
+    assert (len(dls.train.dataset), len(dls.valid.dataset)) == (6, 3)
+    truth = [json.loads(l) for l in (tmp_path / "s" / "truth.jsonl").read_text().splitlines()]
+    assert len(truth) == 9 and all(len(t["sub_mass"]) == 25 for t in truth if t["label"] == "sphere")
+    assert cli("simulate", "lens-finding", "--out", tmp_path / "lf", "--format", "store", "--n-train-lenses", 2,
+               "--n-test-lenses", 1, "--train-ratio", 2, "--test-ratio", 2) == 0
+    assert len(open_dataset(tmp_path / "lf")) == 9 and open_dataset(tmp_path / "lf").shape == (3, 64, 64)
+    capsys.readouterr()
+    assert cli("simulate", "task1", "--out", tmp_path / "s", "--format", "store", "--n-train", 3) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "Traceback" not in err
+
+def test_train_on_sim_stream(tmp_path, capsys):
+    from deeplense_nb.cli import main
+    rc = main(["train", "--data", "sim:model_i", "--epoch-size", "24", "--epochs", "1", "--batch-size", "8",
+               "--model", "cnn_baseline", "--out", str(tmp_path / "run"), "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["epochs"] == 1 and m["config"]["epoch_size"] == 24 and m["classes"] == ["no", "sphere", "vort"]
