@@ -29,7 +29,8 @@ __all__ = ['TASKS', 'CHOICES', 'TrainConfig', 'train_classifier']
 TASKS = {"substructure": "substructure", "task1": "substructure", "lens-finding": "lens-finding", "lens_finding": "lens-finding"}
 CHOICES = {"task": tuple(TASKS), "opt": ("adamw", "adam", "sgd"), "loss": ("ce", "focal"),
            "sched": ("onecycle", "cosine", "step", "plateau", "none"), "amp": ("auto", "off", "bf16", "fp16"),
-           "monitor": ("roc_auc", "accuracy", "valid_loss"), "on_error": ("raise", "skip")}
+           "monitor": ("roc_auc", "accuracy", "valid_loss"), "on_error": ("raise", "skip"),
+           "device_data": ("auto", "on", "off")}
 
 def _check(name: str, v, allowed):
     if v not in allowed: raise DeepLenseError(f"{name}={v!r} is not valid; expected one of {', '.join(map(str, allowed))}.")
@@ -69,7 +70,7 @@ class TrainConfig(Config):
     subset: float | int | None = None   # keep a stratified fraction (< 1) or number of images of every split
     on_error: str = "raise"       # bad data files: "raise" (stop before training, naming the file) or "skip" (report and go on)
     num_workers: int = 0          # DataLoader worker processes
-    data_on_device: bool = False  # produce batches on the training device (a packed store is held there whole)
+    device_data: str = "auto"     # auto | on | off: hold the data on the training device and batch/augment there (auto: when they fit)
     seed: int = 0                 # seed of splits, shuffling, augmentation and initialisation
     deterministic: bool = False   # deterministic algorithms (slower)
     model_kwargs: dict = field(default_factory=dict)  # model settings, e.g. {"drop_rate": 0.2} (see `deeplense list-models`)
@@ -201,7 +202,7 @@ def train_classifier(data, # dataset folder (real or simulated layout) or packed
     seed_everything(cfg.seed, deterministic=cfg.deterministic)
     dls = get_dataloaders(data, task=TASKS.get(cfg.task) if cfg.task else None, batch_size=cfg.batch_size,
                           val_frac=cfg.val_frac, seed=cfg.seed, augment=cfg.augment, num_workers=cfg.num_workers,
-                          balance=cfg.balance, subset=cfg.subset, device=dev if cfg.data_on_device else None,
+                          balance=cfg.balance, subset=cfg.subset, device=dev if cfg.device_data != "off" else None, device_data=cfg.device_data,
                           folds=cfg.folds, fold=cfg.fold, on_error=cfg.on_error)
     learn = _learner(cfg, dls, dev, out, cbs, progress)
     ck, note = (out / "last.ckpt" if resume and (out / "last.ckpt").is_file() else None), _split_note(dls, cfg)
