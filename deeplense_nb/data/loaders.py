@@ -250,7 +250,7 @@ def _resident(mode: str, parts: tuple, dev: torch.device | None) -> torch.device
 
 def _device_loaders(parts: tuple, dev: torch.device, *, batch_size: int, seed: int, augment, post, sampler, drop_last: bool):
     "`DeviceLoader`s for (train, valid, test) held on `dev`; `augment=True` becomes `DeviceAugment`."
-    aug = DeviceAugment(seed=seed) if augment is True else (augment or None)
+    aug = DeviceAugment(seed=seed, device=dev) if augment is True else (augment or None)
     mk = lambda d, **kw: None if d is None else DeviceLoader(DeviceData(d, dev), batch_size=batch_size, seed=seed, **kw)
     train, valid, test = parts
     return (mk(train, shuffle=True, drop_last=drop_last, weights=None if sampler is None else sampler.weights,
