@@ -160,13 +160,14 @@ def device_path(a, dev: torch.device, *, repeats: int, epochs: int) -> dict:
                                                   epochs=E, lr=1e-3, wd=1e-2, dev=dev),
                     "ordinary": lambda m: learner_run(ordinary.train, ordinary.valid, epochs=E, lr=1e-3, wd=1e-2, dev=dev, cbs=fast(), key="ordinary")(m),
                     "resident": lambda m: learner_run(resident.train, resident.valid, epochs=E, lr=1e-3, wd=1e-2, dev=dev, cbs=fast(), key="resident")(m)}
-        wall, _, hist, med = compare("device", make, variants(epochs), repeats=repeats, dev=dev, warmup=lambda k: variants(1)[k])
+        wall, cput, hist, med = compare("device", make, variants(epochs), repeats=repeats, dev=dev, warmup=lambda k: variants(1)[k])
     finally: shutil.rmtree(tmp, ignore_errors=True)
     ips = {k: epochs * len(tr) / wall[k] for k in wall}
     step_ips = {k: bs / med[k]["median"] for k in med if med[k]}
     res = {"device": str(dev), "gpu": torch.cuda.get_device_name(dev) if cuda else None, "model": a.gpu_model,
            "train_images": len(tr), "valid_images": len(va), "img_size": size, "batch_size": bs, "epochs": epochs, "amp": amp,
-           "compile": a.compile, "seconds": wall, "images_per_s": ips, "train_step_images_per_s": step_ips,
+           "compile": a.compile, "seconds": wall, "cpu_seconds": cput, "images_per_s": ips,
+           "cpu_time_speedup_resident_vs_plain": cput["plain"] / cput["resident"], "train_step_images_per_s": step_ips,
            "speedup_resident_vs_plain": wall["plain"] / wall["resident"], "speedup_resident_vs_ordinary": wall["ordinary"] / wall["resident"],
            "step_speedup_resident_vs_plain": step_ips["resident"] / step_ips["plain"],
            "load_onto_device_s": t_res, "open_ordinary_s": t_ord, "write_files_s": write_s,
