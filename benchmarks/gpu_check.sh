@@ -109,12 +109,12 @@ if [ -n "$GPU" ]; then
     '"$PY"' -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors --junitxml '"$STEPDIR"'/junit.xml tests
 else
   NOGPU="no CUDA GPU on this machine"
-  step simulate 120 "" 'load("bench_simulate.json")' \
+  step simulate 300 "" 'load("bench_simulate.json")' \
     '"$PY"' -u benchmarks/bench_simulate.py --device cpu --n 16 --n-lenstronomy 2 --out '"$STEPDIR"'
-  step train 420 "" '(load("bench_train.json") or {}).get("device_path")' \
+  step train 600 "" '(load("bench_train.json") or {}).get("device_path")' \
     '"$PY"' -u benchmarks/bench_train.py --sections device_path --device cpu --n 96 --size 32 --batch 32 --repeats 1 --gpu-model resnet20 --out '"$STEPDIR"'
   step demo 1 "$NOGPU (the CPU demo takes minutes: make demo)" ''
-  step diffusion 240 "" '{k: (load("bench_diffusion.json") or {}).get(k) for k in ("training", "sampling", "goals")}' \
+  step diffusion 300 "" '{k: (load("bench_diffusion.json") or {}).get(k) for k in ("training", "sampling", "goals")}' \
     '"$PY"' -u benchmarks/bench_diffusion.py --device cpu --size 16 --timesteps 10 --ddpm-steps 0 --ddim-steps 3 --train-steps 2 --repeats 1 --out '"$STEPDIR"'
   step pytest 1 "$NOGPU (pytest -m cuda needs one)" ''
 fi
