@@ -12,17 +12,18 @@
 # and OUT/gpu_check.log (every step's output). Without a GPU it runs tiny CPU versions of simulate, train and diffusion,
 # skips demo and pytest -m cuda, and says so in the JSON.
 #
-#   bash benchmarks/gpu_check.sh [--out DIR] [--dry-run] [--python PY]
+#   bash benchmarks/gpu_check.sh [--out DIR] [--dry-run] [--python PY] [--fetch-wheels]
 #     --out DIR   where gpu_check.json and gpu_check.log go (default: $OUT if set, else ./gpu_check_out)
 #     --dry-run   list the steps and their commands, write the JSON with every step "planned", run nothing
 #     --python    the interpreter (default: $PYTHON, else python3)
+#     --fetch-wheels  download (here, with network) the wheels the device machine lacks into benchmarks/wheels, then exit
 #
 # Dependencies: the device machine has torch, torchvision, timm, scikit-learn... but not fastcore (which the package
 # imports), nbdev or papermill. Put their wheels in benchmarks/wheels/ (ignored by git: never commit wheels); the script
-# installs every wheel there into a private folder and puts it on PYTHONPATH. Once, here, in the repo root:
-#   echo /benchmarks/wheels/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d benchmarks/wheels fastcore
-#   (add papermill/nbformat/... the same way if the pytest step should collect the files that import them)
+# installs the wheels there whose package the interpreter lacks into a private folder and puts it on PYTHONPATH
+# (benchmarks/wheels/ is in .gitignore). Once, here, in the repo root (about 5 MB: fastcore, papermill, nbformat and
+# what they need, for CPython 3.12 x86-64):
+#   bash benchmarks/gpu_check.sh --fetch-wheels
 # Run it through the device tool in ONE call (about 8 minutes; the files come back under files_at):
 #   run(command="bash benchmarks/gpu_check.sh --out $OUT", carry=["benchmarks/wheels"], timeout_s=580)
 # Check it here first without a GPU (tiny CPU versions, a few minutes):  PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh --out /tmp/gc
@@ -35,6 +36,11 @@ while [ $# -gt 0 ]; do
     --out) OUTDIR="$2"; shift 2;;
     --dry-run) DRY=1; shift;;
     --python) PY="$2"; shift 2;;
+    --fetch-wheels)
+      mkdir -p "$HERE/wheels"
+      exec python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d "$HERE/wheels" fastcore papermill nbformat;;
     -h|--help) sed -n '2,30p' "$0"; exit 0;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2;;
   esac
@@ -48,8 +54,18 @@ T_START=$(date +%s)
 # --- environment: carried wheels, the package from this checkout -------------------------------------------------
 BOOT="no wheels in benchmarks/wheels"
 if ls "$HERE"/wheels/*.whl >/dev/null 2>&1 && [ $DRY -eq 0 ]; then
-  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" "$HERE"/wheels/*.whl >>"$LOG" 2>&1; then
-    BOOT="installed $(ls "$HERE"/wheels/*.whl | wc -l) wheel(s) from benchmarks/wheels"
+  NEED="$("$PY" - "$HERE"/wheels/*.whl <<'EOF'
+import sys, re
+from importlib import metadata
+for w in sys.argv[1:]:   # only what this interpreter lacks: the image's own packages are kept
+    name = re.sub(r"[-_.]+", "-", w.rsplit("/", 1)[-1].split("-")[0]).lower()
+    try: metadata.version(name)
+    except metadata.PackageNotFoundError: print(w)
+EOF
+)"
+  if [ -z "$NEED" ]; then BOOT="benchmarks/wheels: every package already installed"
+  elif "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" $NEED >>"$LOG" 2>&1; then
+    BOOT="installed $(echo "$NEED" | wc -l) wheel(s) from benchmarks/wheels"
   else BOOT="installing benchmarks/wheels failed (see gpu_check.log)"; fi
 fi
 export PYTHONPATH="$REPO${WORK:+:$WORK/site}${PYTHONPATH:+:$PYTHONPATH}"
