@@ -114,7 +114,7 @@ EOF
 if [ -n "$GPU" ]; then
   NOGPU=""
   step simulate 45 "" 'load("bench_simulate.json")' \
-    '"$PY"' -u benchmarks/bench_simulate.py --device cuda --n 4096 --n-lenstronomy 2 --out '"$STEPDIR"'
+    '"$PY"' -u benchmarks/bench_simulate.py --device cuda --n 2048 --n-lenstronomy 2 --out '"$STEPDIR"'
   step train 120 "" '(load("bench_train.json") or {}).get("device_path")' \
     '"$PY"' -u benchmarks/bench_train.py --sections device_path --device cuda --repeats 1 --out '"$STEPDIR"'
   step demo 140 "" '{"train": {k: (load("demo/train/metrics.json") or {}).get(k) for k in ("roc_auc", "train_time_s", "epochs", "device")}, "report": {k: (load("demo/report/metrics.json") or {}).get(k) for k in ("auc_macro", "accuracy", "auc_per_class")}, "goal_total_s_max": 90}' \
