@@ -199,10 +199,12 @@ def train_classifier(data, # dataset folder (real or simulated layout) or packed
     cfg, out = _config(data, kw), Path(out)
     existing = _check_out(out, resume=resume, overwrite=overwrite)
     dev, rank, world = init_distributed(device)
+    if world > 1 and cfg.device_data == "on": raise DeepLenseError("device_data=\"on\" holds all the data in one process; under torchrun use auto or off.")
+    dd = cfg.device_data if world == 1 else "off"  # DDP shards a BatchLoader; device-resident loaders are single-process
     seed_everything(cfg.seed, deterministic=cfg.deterministic)
     dls = get_dataloaders(data, task=TASKS.get(cfg.task) if cfg.task else None, batch_size=cfg.batch_size,
                           val_frac=cfg.val_frac, seed=cfg.seed, augment=cfg.augment, num_workers=cfg.num_workers,
-                          balance=cfg.balance, subset=cfg.subset, device=dev if cfg.device_data != "off" else None, device_data=cfg.device_data,
+                          balance=cfg.balance, subset=cfg.subset, device=dev if dd != "off" else None, device_data=dd,
                           folds=cfg.folds, fold=cfg.fold, on_error=cfg.on_error)
     learn = _learner(cfg, dls, dev, out, cbs, progress)
     ck, note = (out / "last.ckpt" if resume and (out / "last.ckpt").is_file() else None), _split_note(dls, cfg)
