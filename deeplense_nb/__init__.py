@@ -2,6 +2,7 @@
 
 Modules:
 
+- `deeplense_nb.data.device`: Device-resident data: a whole dataset held as one compact tensor on the training device, batches drawn by index there, and batched D4 / affine augmentation that never leaves the device.
 - `deeplense_nb.data.files`: Read one DeepLense `.npy` image with every check, record what was skipped, write toy datasets in the real layouts, and plot images.
 - `deeplense_nb.data.folders`: Recognise the DeepLense folder layouts and read a dataset folder as a checked, indexable torch dataset.
 - `deeplense_nb.data.loaders`: Split, subset and balance a dataset and load its batches on CPU or GPU: `get_dataloaders` is the one call training makes.

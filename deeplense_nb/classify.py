@@ -29,7 +29,8 @@ __all__ = ['TASKS', 'CHOICES', 'TrainConfig', 'train_classifier']
 TASKS = {"substructure": "substructure", "task1": "substructure", "lens-finding": "lens-finding", "lens_finding": "lens-finding"}
 CHOICES = {"task": tuple(TASKS), "opt": ("adamw", "adam", "sgd"), "loss": ("ce", "focal"),
            "sched": ("onecycle", "cosine", "step", "plateau", "none"), "amp": ("auto", "off", "bf16", "fp16"),
-           "monitor": ("roc_auc", "accuracy", "valid_loss"), "on_error": ("raise", "skip")}
+           "monitor": ("roc_auc", "accuracy", "valid_loss"), "on_error": ("raise", "skip"),
+           "device_data": ("auto", "on", "off")}
 
 # %% ../nbs/06b_classify.ipynb #904cd10e
 @dataclass
@@ -66,7 +67,8 @@ class TrainConfig(Config):
     subset: float | int | None = None   # keep a stratified fraction (< 1) or number of images of every split
     on_error: str = "raise"       # bad data files: "raise" (stop before training, naming the file) or "skip" (report and go on)
     num_workers: int = 0          # DataLoader worker processes
-    data_on_device: bool = False  # produce batches on the training device (a packed store is held there whole)
+    epoch_size: int | None = None # sim:<preset> data: fresh simulated images per epoch (default 4096)
+    device_data: str = "auto"     # auto | on | off: hold the data on the training device and batch/augment there (auto: when they fit)
     seed: int = 0                 # seed of splits, shuffling, augmentation and initialisation
     deterministic: bool = False   # deterministic algorithms (slower)
     model_kwargs: dict = field(default_factory=dict)  # model settings, e.g. {"drop_rate": 0.2} (see `deeplense list-models`)
@@ -195,11 +197,14 @@ def train_classifier(data, # dataset folder (real or simulated layout) or packed
     cfg, out = _config(data, kw), Path(out)
     existing = _check_out(out, resume=resume, overwrite=overwrite)
     dev, rank, world = init_distributed(device)
+    if world > 1 and cfg.device_data == "on": raise DeepLenseError("device_data=\"on\" holds all the data in one process; under torchrun use auto or off.")
+    dd = cfg.device_data if world == 1 else "off"  # DDP shards a BatchLoader; device-resident loaders are single-process
     seed_everything(cfg.seed, deterministic=cfg.deterministic)
     dls = get_dataloaders(data, task=TASKS.get(cfg.task) if cfg.task else None, batch_size=cfg.batch_size,
                           val_frac=cfg.val_frac, seed=cfg.seed, augment=cfg.augment, num_workers=cfg.num_workers,
-                          balance=cfg.balance, subset=cfg.subset, device=dev if cfg.data_on_device else None,
-                          folds=cfg.folds, fold=cfg.fold, on_error=cfg.on_error)
+                          balance=cfg.balance, subset=cfg.subset, device=dev if dd != "off" else None, device_data=dd,
+                          folds=cfg.folds, fold=cfg.fold, on_error=cfg.on_error,
+                          epoch_size=cfg.epoch_size)
     learn = _learner(cfg, dls, dev, out, cbs, progress)
     ck, note = (out / "last.ckpt" if resume and (out / "last.ckpt").is_file() else None), _split_note(dls, cfg)
     if ck is not None: _check_resumable(ck, cfg, learn.config)

@@ -179,20 +179,21 @@ def _timestep_pairs(T: int, steps: int) -> list[tuple[int, int]]:
 
 # %% ../../nbs/08b_diffusion_gaussian.ipynb #4ab91b1b
 def _guided_output(gd: GaussianDiffusion, x: Tensor, tt: Tensor, y: Tensor | None, guidance_scale: float,
-                   amp_dt: torch.dtype | None) -> Tensor:
+                   amp_dt: torch.dtype | None, net: nn.Module | None = None) -> Tensor:
     "The network output at steps `tt` (float32), with classifier-free guidance when `y` is given and the scale is not 1."
+    net = gd.unet if net is None else net  # `net`: e.g. a compiled UNet
     with torch.autocast(x.device.type, dtype=amp_dt or torch.bfloat16, enabled=amp_dt is not None):
-        if y is None or guidance_scale == 1.0: return gd.unet(x, tt, y).float()
-        o = gd.unet(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, gd.unet.null_class)]))
+        if y is None or guidance_scale == 1.0: return net(x, tt, y).float()
+        o = net(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, gd.unet.null_class)]))
     oc, ou = o.float().chunk(2)
     return ou + guidance_scale * (oc - ou)
 
 # %% ../../nbs/08b_diffusion_gaussian.ipynb #d18336fa
 @torch.no_grad()
 def _denoise_step(gd: GaussianDiffusion, x: Tensor, t: int, t_prev: int, *, sampler: str, eta: float, y: Tensor | None,
-                  guidance_scale: float, generator: torch.Generator, amp_dt: torch.dtype | None) -> Tensor:
+                  guidance_scale: float, generator: torch.Generator, amp_dt: torch.dtype | None, net: nn.Module | None = None) -> Tensor:
     tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-    x0 = gd.predict_x0(_guided_output(gd, x, tt, y, guidance_scale, amp_dt), x, tt).clamp(-1, 1)
+    x0 = gd.predict_x0(_guided_output(gd, x, tt, y, guidance_scale, amp_dt, net), x, tt).clamp(-1, 1)
     ab = gd.alphas_cumprod[t]
     ab_prev = gd.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(ab)
     z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)   # drawn every step: same stream for both samplers
@@ -223,7 +224,8 @@ def _sample_labels(gd: GaussianDiffusion, labels, n: int) -> Tensor | None:
 
 # %% ../../nbs/08b_diffusion_gaussian.ipynb #589c9d62
 def _sample_loop(gd: GaussianDiffusion, n: int, y_all: Tensor | None, *, steps: int, sampler: str, eta: float,
-                 guidance_scale: float, seed: int, batch_size: int, dev: torch.device, amp: bool, progress: bool) -> Tensor:
+                 guidance_scale: float, seed: int, batch_size: int, dev: torch.device, amp: bool, progress: bool,
+                 net: nn.Module | None = None, channels_last: bool = False) -> Tensor:
     "Run the reverse chain over `n` images in batches (the model already on `dev`, in eval mode)."
     g = torch.Generator(device=dev).manual_seed(int(seed))
     amp_dt = amp_dtype(dev) if amp and dev.type == "cuda" else None   # chosen once per call, not per step
@@ -232,10 +234,11 @@ def _sample_loop(gd: GaussianDiffusion, n: int, y_all: Tensor | None, *, steps: 
         for i in range(0, n, batch_size):
             b = min(batch_size, n - i)
             x = torch.randn((b, gd.in_chans, *gd.image_size), generator=g, device=dev)
+            if channels_last: x = x.contiguous(memory_format=torch.channels_last)  # same values, NHWC layout
             y = y_all[i:i + b].to(dev) if y_all is not None else None
             for t, tp in pairs:
                 x = _denoise_step(gd, x, t, tp, sampler=sampler, eta=1.0 if sampler == "ddpm" else eta, y=y,
-                                  guidance_scale=guidance_scale, generator=g, amp_dt=amp_dt)
+                                  guidance_scale=guidance_scale, generator=g, amp_dt=amp_dt, net=net)
                 bar.update(1)
             out.append(((x + 1) / 2).clamp(0, 1).float().cpu())
     return torch.cat(out)
@@ -253,6 +256,8 @@ def sample(self: GaussianDiffusion, n: int = 16, # number of images
            batch_size: int = 64, # images per network call
            device: str | torch.device | None = None, # where to run (default: where the model is)
            amp: bool = False, # autocast on the network (CUDA: bf16, or fp16 where the GPU has no bf16)
+           channels_last: bool | None = None, # run the network channels-last (None: on CUDA)
+           compile: bool = False, # `torch.compile` the UNet for this call (pays off for many steps / large batches)
            progress: bool = True, # tqdm progress bar
           ) -> Tensor:
     "Draw `n` images `(n, C, H, W)` in [0, 1] (float32, CPU) with DDPM or DDIM."
@@ -265,9 +270,13 @@ def sample(self: GaussianDiffusion, n: int = 16, # number of images
         raise DeepLenseError("guidance_scale != 1 needs labels (classifier-free guidance steers towards a class)")
     dev = get_device(device) if device is not None else next(self.parameters()).device
     was_training, orig_dev = self.training, next(self.parameters()).device
+    cl = dev.type == "cuda" if channels_last is None else channels_last
     self.to(dev).eval()
+    if cl: self.to(memory_format=torch.channels_last)
     try:
         return _sample_loop(self, n, y_all, steps=steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale, seed=seed,
-                            batch_size=batch_size, dev=dev, amp=amp, progress=progress)
+                            batch_size=batch_size, dev=dev, amp=amp, progress=progress, channels_last=cl,
+                            net=torch.compile(self.unet) if compile else None)
     finally:
+        if cl: self.to(memory_format=torch.contiguous_format)
         self.to(orig_dev).train(was_training)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..core import DeepLenseError, atomic_write_text, check_choice, get_device, seed_everything
 from ..data import get_dataloaders
 from ..training import Learner, SaveCheckpoint, HistoryLogger
-from ..callbacks import EMA, CosineWarmup, GradientClip, MixedPrecision
+from ..callbacks import EMA, ChannelsLast, CosineWarmup, GradientClip, MixedPrecision, TorchCompile
 from .unet import UNet, UNetConfig
 from .gaussian import GaussianDiffusion, SCHEDULES, OBJECTIVES
 
@@ -76,13 +76,16 @@ def diffusion_loaders(data, # images `(N, C, H, W)` in [0, 1], `(images, labels)
 
 # %% ../../nbs/08c_diffusion_train.ipynb #cacef3c0
 def _diffusion_cbs(dev: torch.device, *, ema_decay: float, warmup: float, lr: float, clip: float | None,
-                   amp: bool | str | None, extra: Sequence = ()) -> tuple[list, bool | str]:
+                   amp: bool | str | None, extra: Sequence = (), channels_last: bool = False,
+                   compile: bool = False) -> tuple[list, bool | str]:
     "Callbacks of `train_diffusion` and the resolved `amp` setting (None: autocast on CUDA only)."
     if amp is None: amp = "auto" if dev.type == "cuda" else False
     elif amp is True: amp = "auto"
     cbs = [EMA(ema_decay, warmup=True), CosineWarmup(warmup=warmup, min_lr=lr / 10)]
     if clip: cbs.append(GradientClip(clip))
     if amp: cbs.append(MixedPrecision(amp))
+    if channels_last: cbs.append(ChannelsLast())
+    if compile: cbs.append(TorchCompile())
     return cbs + list(extra), amp
 
 # %% ../../nbs/08c_diffusion_train.ipynb #07738e0d
@@ -118,7 +121,9 @@ def train_diffusion(data, # images `(N, C, H, W)` in [0, 1], `(images, labels)`,
                     num_workers: int = 0, # DataLoader workers (folders/stores)
                     progress: bool = True, # progress bars
                     resume: bool = False, # continue an interrupted run from out/last.ckpt (same epochs and batch size)
-                    cbs: Sequence = (), # extra Learner callbacks (e.g. EarlyStopping, TorchCompile)
+                    channels_last: bool | None = None, # channels-last model and batches (None: on CUDA)
+                    compile: bool = False, # `torch.compile` the objective (UNet + loss) for training
+                    cbs: Sequence = (), # extra Learner callbacks (e.g. EarlyStopping)
                    ) -> GaussianDiffusion:
     "Train a diffusion model with the package's `Learner` and return it with its EMA weights (and `.history`)."
     check_choice("schedule", schedule, SCHEDULES); check_choice("objective", objective, OBJECTIVES)
@@ -131,7 +136,8 @@ def train_diffusion(data, # images `(N, C, H, W)` in [0, 1], `(images, labels)`,
     gd = _objective_for(xb, classes, unet=unet, conditional=conditional, timesteps=timesteps, schedule=schedule,
                         objective=objective, ssim_weight=ssim_weight, p_uncond=p_uncond)
     dev = get_device(device)
-    cbs, amp = _diffusion_cbs(dev, ema_decay=ema_decay, warmup=warmup, lr=lr, clip=clip, amp=amp, extra=cbs)
+    cbs, amp = _diffusion_cbs(dev, ema_decay=ema_decay, warmup=warmup, lr=lr, clip=clip, amp=amp, extra=cbs, compile=compile,
+                              channels_last=dev.type == "cuda" if channels_last is None else channels_last)
     config = {"kind": "diffusion", "model_config": gd.model_config,
               "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "wd": wd, "warmup": warmup,
                         "ema_decay": ema_decay, "clip": clip, "amp": amp, "val_frac": val_frac, "seed": seed,
