@@ -255,7 +255,7 @@ def _fmt(keys, n=5) -> str:
 
 # %% ../nbs/04_models.ipynb #fecf31d2
 def _match_weights(model: DeepLenseNet, sd: dict, *, drop_head: bool = False) -> tuple:
-    "Match a state dict to `model` in its best key layout: (report, tensors to load, unexpected, of another shape, missing)."
+    "Match a state dict to `model` in its best key layout: (report, tensors to load, unexpected, of another shape, missing, the renamed dict)."
     sd = {_strip(k): v for k, v in sd.items()}
     own = model.state_dict()
     layouts = {"deeplense": sd, "backbone-only": {"backbone." + k: v for k, v in sd.items()}}
@@ -276,7 +276,7 @@ def _match_weights(model: DeepLenseNet, sd: dict, *, drop_head: bool = False) ->
         ok[k] = v
     missing = [k for k in own if k not in ok and k not in rep.skipped and not k.endswith("num_batches_tracked")]
     rep.missing_head = [k for k in missing if k.startswith("head.")]
-    return rep, ok, unexpected, bad, [k for k in missing if not k.startswith("head.")]
+    return rep, ok, unexpected, bad, [k for k in missing if not k.startswith("head.")], layouts[layout]
 
 
 # %% ../nbs/04_models.ipynb #1b8a7efa
@@ -288,7 +288,7 @@ def load_weights(model: DeepLenseNet, # the model to load into (in place)
     "Load a full or backbone-only state dict into `model`, adapting the first conv and skipping a mismatched head."
     source = source or (str(src) if not isinstance(src, dict) else "the state dict")
     sd = read_state_dict(src) if not isinstance(src, dict) else dict(src)
-    rep, ok, unexpected, bad, missing = _match_weights(model, sd, drop_head=drop_head)
+    rep, ok, unexpected, bad, missing, _ = _match_weights(model, sd, drop_head=drop_head)
     if unexpected or bad or missing:
         parts = [f"{len(bad)} of another shape ({_fmt(bad)})" if bad else "",
                  f"{len(missing)} missing from the file ({_fmt(missing)})" if missing else "",
