@@ -19,6 +19,9 @@ COMMANDS = {  # name: ("module:builder", help)
     "list-models": ("deeplense_nb.models:_cli_list_models", "list the registered models"),
     "train":       ("deeplense_nb.classify:_cli_train", "train a classifier on a dataset folder or packed store"),
     "evaluate":    ("deeplense_nb.evaluation:_cli_evaluate", "evaluate checkpoints (ensemble, TTA) and write a report"),
+    "import-weights": ("deeplense_nb.deploy:_cli_import_weights", "turn weights trained elsewhere (.pt/.pth, .json, Hugging Face ConvNeXt-V2) into a checkpoint"),
+    "export":      ("deeplense_nb.deploy:_cli_export", "export a checkpoint to ONNX and check it against PyTorch"),
+    "predict":     ("deeplense_nb.deploy:_cli_predict", "classify .npy files or folders into a CSV of class probabilities"),
     "run":         ("deeplense_nb.experiments:_cli_run", "run an experiment notebook headless with papermill"),
     "demo":        ("deeplense_nb.experiments:_cli_demo", "simulate, train, evaluate and write a report: what `make demo` runs"),
 }

@@ -29,14 +29,15 @@ EXPERIMENTS = {"task1": "task1.ipynb", "lens-finding": "lens_finding.ipynb", "mo
                "diffusion": "diffusion.ipynb", "physics": "physics.ipynb", "sim2real": "sim2real.ipynb"}
 
 def experiments_dir() -> Path:
-    "Folder of the experiment notebooks: `$DEEPLENSE_EXPERIMENTS`, else `nbs/experiments` of the source checkout."
+    "Folder of the experiment notebooks: `$DEEPLENSE_EXPERIMENTS`, else a source checkout's `nbs/experiments`, else the installed copy."
     env = os.environ.get("DEEPLENSE_EXPERIMENTS")
+    pkg = Path(deeplense_nb.__file__).resolve().parent
     cands = [Path(env)] if env else []
-    cands.append(Path(deeplense_nb.__file__).resolve().parent.parent / "nbs" / "experiments")
+    cands += [pkg.parent / "nbs" / "experiments", pkg / "experiments_nbs"]  # the wheel ships them in experiments_nbs
     for c in cands:
         if (c / "task1.ipynb").exists(): return c
     raise DeepLenseError("experiment notebooks not found: set DEEPLENSE_EXPERIMENTS to the folder holding task1.ipynb "
-                         "(nbs/experiments in a clone of deeplense_nb)")
+                         "(nbs/experiments in a clone of deeplense_nb), or reinstall the package (its wheel ships them)")
 
 def experiment_path(name: str) -> Path:
     "Path of the experiment notebook `name` (one of `EXPERIMENTS`)."

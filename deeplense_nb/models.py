@@ -15,13 +15,14 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 from .core import DeepLenseError
+from .equivariant import P4MBackbone
 from .checkpoint import checkpoint_weights, load_checkpoint, register_builder
 
 # %% auto #0
-__all__ = ['UnknownModelError', 'WeightsError', 'MissingDependencyError', 'WeightsWarning', 'DeepLenseNet', 'ModelEntry',
-           'register_model', 'list_models', 'model_entry', 'adapt_input_conv', 'read_state_dict', 'LoadReport',
-           'load_weights', 'tv_weights_file', 'BasicBlock', 'model_settings', 'create_model', 'num_params',
-           'model_table']
+__all__ = ['MODEL_ALIASES', 'UnknownModelError', 'WeightsError', 'MissingDependencyError', 'WeightsWarning', 'DeepLenseNet',
+           'ModelEntry', 'register_model', 'list_models', 'model_entry', 'adapt_input_conv', 'read_state_dict',
+           'LoadReport', 'load_weights', 'tv_weights_file', 'BasicBlock', 'model_settings', 'create_model',
+           'num_params', 'model_table']
 
 # %% ../nbs/04_models.ipynb #b1655263
 class UnknownModelError(DeepLenseError):
@@ -103,6 +104,10 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 _model_entrypoints: dict[str, ModelEntry] = {}
+MODEL_ALIASES = {"mobilenet_v3_small": "mobilenetv3_small", "mobilenet_v3_large": "mobilenetv3_large",  # torchvision's names
+                 "d4_cnn": "p4m_cnn", "gcnn": "p4m_cnn"}
+
+def _aliases_of(name: str) -> list[str]: return [a for a, n in MODEL_ALIASES.items() if n == name]
 
 def _ident(fn) -> tuple:
     if isinstance(fn, functools.partial): return (_ident(fn.func), fn.args)
@@ -132,9 +137,11 @@ def _natural_key(s: str):
 def list_models(pattern: str | None = None, # shell-style pattern (`fnmatch`), e.g. "resnet*"; None lists all
                 *, pretrained: bool = False, # only models with downloadable pretrained weights
                ) -> list[str]:
-    "Registered model names matching `pattern`, in natural order; `timm/<pattern>` also searches timm when installed."
+    "Registered model names matching `pattern` (or one of their aliases), in natural order; `timm/<pattern>` also searches timm."
     names = [n for n, e in _model_entrypoints.items() if e.pretrained or not pretrained]
-    if pattern: names = [n for n in names if fnmatch.fnmatchcase(n, pattern.lower())]
+    if pattern:
+        pat = pattern.lower()
+        names = [n for n in names if fnmatch.fnmatchcase(n, pat) or any(fnmatch.fnmatchcase(a, pat) for a in _aliases_of(n))]
     if pattern and pattern.lower().startswith("timm/") and _has_module("timm"):
         timm = importlib.import_module("timm")
         names += ["timm/" + n for n in timm.list_models(pattern[5:], pretrained=pretrained)]
@@ -145,9 +152,10 @@ def _timm_entry(tname: str) -> ModelEntry:
 
 # %% ../nbs/04_models.ipynb #f3e0f517
 def model_entry(name: str) -> ModelEntry:
-    "The registry entry for `name` (`timm/<name>` for any timm model); unknown names raise with close matches."
+    "The registry entry for `name` (an alias, or `timm/<name>` for any timm model); unknown names raise with close matches."
     if not isinstance(name, str): raise UnknownModelError(f"A model name must be a string, got {name!r}.")
     key = name.strip().lower()
+    key = MODEL_ALIASES.get(key, key)
     if key.startswith("timm/") and len(key) > 5: return _timm_entry(name.strip()[5:])
     if key in _model_entrypoints: return _model_entrypoints[key]
     names = list_models()
@@ -245,24 +253,17 @@ def _fmt(keys, n=5) -> str:
     keys = list(keys)
     return ", ".join(map(str, keys[:n])) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
-# %% ../nbs/04_models.ipynb #1b8a7efa
-def load_weights(model: DeepLenseNet, # the model to load into (in place)
-                 src: str | Path | dict, # a weights file, or a state dict
-                 *, drop_head: bool = False, # ignore the file's head (e.g. an ImageNet classifier)
-                 source: str | None = None, # how to name `src` in messages
-                ) -> LoadReport:
-    "Load a full or backbone-only state dict into `model`, adapting the first conv and skipping a mismatched head."
-    source = source or (str(src) if not isinstance(src, dict) else "the state dict")
-    sd = read_state_dict(src) if not isinstance(src, dict) else dict(src)
+# %% ../nbs/04_models.ipynb #fecf31d2
+def _match_weights(model: DeepLenseNet, sd: dict, *, drop_head: bool = False) -> tuple:
+    "Match a state dict to `model` in its best key layout: (report, tensors to load, unexpected, of another shape, missing, the renamed dict)."
     sd = {_strip(k): v for k, v in sd.items()}
     own = model.state_dict()
     layouts = {"deeplense": sd, "backbone-only": {"backbone." + k: v for k, v in sd.items()}}
     for lname, pairs in getattr(model, "key_maps", {}).items(): layouts[lname] = _remap(sd, pairs)
     layout = max(layouts, key=lambda n: sum(k in own for k in layouts[n]))  # first wins on ties
-    sd = layouts[layout]
     first = f"{model.first_conv}.weight" if getattr(model, "first_conv", None) else None
     rep, ok, unexpected, bad = LoadReport(layout), {}, [], []
-    for k, v in sd.items():
+    for k, v in layouts[layout].items():
         if k not in own: unexpected.append(k); continue
         if k.startswith("head.") and drop_head: rep.skipped.append(k); continue
         t = own[k]
@@ -275,12 +276,24 @@ def load_weights(model: DeepLenseNet, # the model to load into (in place)
         ok[k] = v
     missing = [k for k in own if k not in ok and k not in rep.skipped and not k.endswith("num_batches_tracked")]
     rep.missing_head = [k for k in missing if k.startswith("head.")]
-    missing = [k for k in missing if not k.startswith("head.")]
+    return rep, ok, unexpected, bad, [k for k in missing if not k.startswith("head.")], layouts[layout]
+
+
+# %% ../nbs/04_models.ipynb #1b8a7efa
+def load_weights(model: DeepLenseNet, # the model to load into (in place)
+                 src: str | Path | dict, # a weights file, or a state dict
+                 *, drop_head: bool = False, # ignore the file's head (e.g. an ImageNet classifier)
+                 source: str | None = None, # how to name `src` in messages
+                ) -> LoadReport:
+    "Load a full or backbone-only state dict into `model`, adapting the first conv and skipping a mismatched head."
+    source = source or (str(src) if not isinstance(src, dict) else "the state dict")
+    sd = read_state_dict(src) if not isinstance(src, dict) else dict(src)
+    rep, ok, unexpected, bad, missing, _ = _match_weights(model, sd, drop_head=drop_head)
     if unexpected or bad or missing:
         parts = [f"{len(bad)} of another shape ({_fmt(bad)})" if bad else "",
                  f"{len(missing)} missing from the file ({_fmt(missing)})" if missing else "",
                  f"{len(unexpected)} unexpected ({_fmt(unexpected)})" if unexpected else ""]
-        raise WeightsError(f"Weights from {source} do not fit model {model.name!r} (read as {layout!r} layout): "
+        raise WeightsError(f"Weights from {source} do not fit model {model.name!r} (read as {rep.layout!r} layout): "
                            + "; ".join(p for p in parts if p) + ". Was the file saved from another architecture, "
                            "or with other settings (e.g. small_input)?")
     model.load_state_dict(ok, strict=False)
@@ -292,6 +305,7 @@ def load_weights(model: DeepLenseNet, # the model to load into (in place)
         warnings.warn(f"Weights from {source} have no head ({_fmt(rep.missing_head)}): a backbone-only file; "
                       "the head keeps its fresh initialisation.", WeightsWarning, stacklevel=2)
     return rep
+
 
 # %% ../nbs/04_models.ipynb #d568d741
 def _tv():
@@ -392,6 +406,21 @@ def _tv_convnext(arch: str, *, in_chans: int = 3, num_classes: int = 1000, pretr
                    extra=OrderedDict(norm=m.classifier[0], flatten=nn.Flatten(1)),
                    maps=(("classifier.0.", "backbone.norm."), ("classifier.2.", "head.")), init="trunc_normal")
 
+# %% ../nbs/04_models.ipynb #9e8ffa35
+def _tv_densenet(arch: str, *, in_chans: int = 3, num_classes: int = 1000, pretrained: bool = False,
+                 drop_rate: float = 0.0, # dropout before the head
+                ) -> DeepLenseNet:
+    _check_common(in_chans, num_classes, drop_rate)
+    m = getattr(_tv(), arch)(weights=None)
+    if in_chans != 3: m.features.conv0 = _swap_conv(m.features.conv0, in_chans)
+    parts = OrderedDict(features=m.features, relu=nn.ReLU(inplace=True), pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(1))
+    net = DeepLenseNet(nn.Sequential(parts), m.classifier.in_features, num_classes, in_chans=in_chans, drop_rate=drop_rate,
+                       first_conv="backbone.features.conv0",
+                       key_maps={"torchvision": (("features.", "backbone.features."), ("classifier.", "head."))}, name=arch)
+    if pretrained: _load_tv_pretrained(net, arch)
+    return net
+
+
 # %% ../nbs/04_models.ipynb #78db51b6
 _TV_MODELS = {  # name: (torchvision builder, family builder, description)
     **{f"resnet{d}": (f"resnet{d}", _tv_resnet, f"ResNet-{d} (He et al. 2016), torchvision") for d in (18, 34, 50, 101, 152)},
@@ -400,6 +429,7 @@ _TV_MODELS = {  # name: (torchvision builder, family builder, description)
     "mobilenetv3_small": ("mobilenet_v3_small", _tv_mobilenetv3, "MobileNetV3-Small (Howard et al. 2019), torchvision"),
     "mobilenetv3_large": ("mobilenet_v3_large", _tv_mobilenetv3, "MobileNetV3-Large (Howard et al. 2019), torchvision"),
     "convnext_tiny": ("convnext_tiny", _tv_convnext, "ConvNeXt-T (Liu et al. 2022), torchvision"),
+    **{f"densenet{d}": (f"densenet{d}", _tv_densenet, f"DenseNet-{d} (Huang et al. 2017), torchvision") for d in (121,)},
 }
 for _n, (_arch, _fam, _doc) in _TV_MODELS.items():
     register_model(_n, pretrained=True, doc=_doc)(functools.partial(_fam, _arch))
@@ -483,6 +513,20 @@ def _lensnet(*, in_chans: int = 1, num_classes: int = 3, pretrained: bool = Fals
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
     return DeepLenseNet(nn.Sequential(*layers), c, num_classes, in_chans=in_chans, drop_rate=drop_rate,
                         first_conv=f"backbone.{int(input_norm)}", name="lensnet")
+
+# %% ../nbs/04_models.ipynb #85ae0dd5
+@register_model("p4m_cnn")
+def _p4m_cnn(*, in_chans: int = 1, num_classes: int = 3, pretrained: bool = False,
+             widths: tuple = (8, 16, 32, 64), # channels per group element of each stage (8 copies each)
+             stem_kernel: int = 5, # odd kernel of the lifting convolution
+             drop_rate: float = 0.0, # dropout before the head
+            ) -> DeepLenseNet:
+    "D4 group-equivariant CNN (Cohen & Welling 2016, p4m): logits invariant to 90-degree rotations and mirror flips"
+    _check_common(in_chans, num_classes, drop_rate)
+    bb = P4MBackbone(in_chans, widths=tuple(widths), stem_kernel=stem_kernel)
+    return DeepLenseNet(bb, bb.num_features, num_classes, in_chans=in_chans, drop_rate=drop_rate,
+                        first_conv="backbone.lift", name="p4m_cnn")
+
 
 # %% ../nbs/04_models.ipynb #d94a64ef
 _TIMM_HINT = 'pip install "deeplense-nb[timm]"'
@@ -589,15 +633,21 @@ def model_table(pattern: str | None = None, *, in_chans: int = 1, num_classes: i
 # %% ../nbs/04_models.ipynb #23c043c2
 def _cli_list_models(p: argparse.ArgumentParser):
     p.add_argument("pattern", nargs="?", default=None,
-                   help="shell-style pattern, e.g. 'resnet*' or 'efficientnet_b[0-3]'; 'timm/PATTERN' searches timm")
+                   help="shell-style pattern, e.g. 'resnet*', 'densenet*' or 'efficientnet_b[0-3]'; aliases match too "
+                   "(torchvision's 'mobilenet_v3_small'); 'timm/PATTERN' (e.g. 'timm/densenet*') searches timm when installed")
     p.add_argument("--params", action="store_true", help="also print parameter counts and feature widths")
     p.add_argument("--in-chans", type=int, default=1, help="input channels for --params (default 1, Task I)")
     p.add_argument("--num-classes", type=int, default=3, help="classes for --params (default 3, Task I)")
     p.add_argument("--pretrained", action="store_true", help="only models with downloadable ImageNet weights")
+    p.add_argument("--aliases", action="store_true", help="print the other names models answer to (ALIAS -> MODEL)")
     def run(a):
         names = list_models(a.pattern, pretrained=a.pretrained)
         if not names:
             raise UnknownModelError(f"No model matches {a.pattern!r}; run `deeplense list-models` to see them all.")
+        if a.aliases:
+            for al, n in sorted(MODEL_ALIASES.items()):
+                if n in names: print(f"{al} -> {n}")
+            return 0
         if not a.params:
             for n in names: print(n)
             return 0
@@ -607,7 +657,7 @@ def _cli_list_models(p: argparse.ArgumentParser):
             e = model_entry(n)
             if not e.available: print(f"{n:<{w}}  {'-':>12}  {'-':>8}  needs {e.requires}: {_TIMM_HINT}"); continue
             with torch.device("meta"): m = create_model(n, in_chans=a.in_chans, num_classes=a.num_classes)
-            notes = "pretrained" if e.pretrained else ""
+            notes = "; ".join(["pretrained"] * e.pretrained + [f"alias {', '.join(_aliases_of(n))}"] * bool(_aliases_of(n)))
             print(f"{n:<{w}}  {sum(p.numel() for p in m.parameters()):>12,}  {m.num_features:>8}  {notes}")
         return 0
     return run

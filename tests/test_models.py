@@ -14,7 +14,7 @@ from deeplense_nb.models import (DeepLenseNet, MissingDependencyError, UnknownMo
 
 # models whose 150 px pass is checked without gradients (their backward pass is checked at 64 px)
 BIG = {"resnet50", "resnet101", "resnet152", "efficientnet_b2", "efficientnet_b3", "efficientnet_b4", "efficientnet_b5",
-       "convnext_tiny", "convnextv2_tiny", "mobilenetv3_large"}
+       "convnext_tiny", "convnextv2_tiny", "mobilenetv3_large", "densenet121"}
 
 
 @pytest.fixture(autouse=True)
@@ -354,3 +354,31 @@ def test_cli_list_models(cli, capsys):
     assert main(["list-models", "vit*"]) == 2
     err = capsys.readouterr().err
     assert "No model matches 'vit*'" in err and err.strip().count("\n") == 0
+
+
+# ---------------------------------------------------------------------------------------------- equivariant model, aliases
+@pytest.mark.parametrize("n", [64, 75])
+def test_p4m_cnn_logits_are_d4_invariant(n):
+    torch.manual_seed(0)
+    m = create_model("p4m_cnn", in_chans=1, num_classes=3, widths=(4, 8, 16))
+    x = torch.rand(2, 1, n, n)
+    for mode in (m.train, m.eval):  # batch statistics and running statistics alike
+        mode()
+        with torch.no_grad():
+            ref = m(x)
+            for k in range(4):
+                for flip in (False, True):
+                    xv = torch.rot90(x.flip(-1) if flip else x, k, dims=(-2, -1))
+                    torch.testing.assert_close(m(xv), ref, atol=1e-4, rtol=1e-4)
+    plain = create_model("cnn_baseline", in_chans=1, num_classes=3).eval()  # the check can fail: a plain CNN is not invariant
+    with torch.no_grad(): assert (plain(torch.rot90(x, 1, dims=(-2, -1))) - plain(x)).abs().max() > 1e-4
+
+
+def test_model_aliases(cli):
+    m = create_model("mobilenet_v3_small", in_chans=1, num_classes=2)
+    assert m.name == "mobilenetv3_small" and m.model_config["kwargs"]["name"] == "mobilenetv3_small"
+    assert model_entry("D4_CNN").name == "p4m_cnn" and model_entry("gcnn").name == "p4m_cnn"
+    assert {"densenet121", "p4m_cnn"} <= set(list_models())
+    assert list_models("mobilenet_v3*") == ["mobilenetv3_large", "mobilenetv3_small"]
+    r = cli("list-models", "--aliases")
+    assert "mobilenet_v3_small -> mobilenetv3_small" in r.stdout.splitlines() and "d4_cnn -> p4m_cnn" in r.stdout
