@@ -236,6 +236,7 @@ def _do_validate(self: Learner, dl=None):
 
 @patch
 def _do_epoch(self: Learner):
+    if hasattr(self.train_dl, "set_epoch"): self.train_dl.set_epoch(self.epoch)  # epoch-keyed loaders (simulation streams) resume exactly
     self._do_train()
     if self.valid_dl is not None: self._do_validate()
 

@@ -271,3 +271,24 @@ def test_train_command_under_torchrun(toy_task1, tmp_path):
     learn = Learner(model, dls.train, dls.valid, loss_func=nn.CrossEntropyLoss(), metrics=[roc_auc, accuracy], device="cpu", progress=False)
     res = learn.validate()  # single process, same best weights, all 6 validation images
     assert res["roc_auc"] == pytest.approx(m["roc_auc"], abs=1e-6) and res["accuracy"] == pytest.approx(m["accuracy"])
+
+
+class _EpochKeyed:
+    "A loader whose batches depend on the epoch it is told (like a stream of fresh simulations)."
+    def __init__(self, dl): self.dl, self.epochs = dl, []
+    def set_epoch(self, e): self.epochs.append(e)
+    def __iter__(self): return iter(self.dl)
+    def __len__(self): return len(self.dl)
+
+
+def test_epoch_keyed_loader_is_told_each_epoch_and_resumes(tmp_path):
+    "The Learner calls `set_epoch` on a training loader that has it, before each epoch, also after a resume."
+    ds = synthetic_classification(32)
+    tdl = _EpochKeyed(DataLoader(ds, batch_size=16)); vdl = DataLoader(ds, batch_size=16)
+    learn = Learner(tiny_cnn(), tdl, vdl, loss_func=nn.CrossEntropyLoss(), path=tmp_path, cbs=[SaveCheckpoint()], progress=False, device="cpu")
+    learn.fit(2)
+    assert tdl.epochs == [0, 1]
+    tdl2 = _EpochKeyed(DataLoader(ds, batch_size=16))
+    learn2 = Learner(tiny_cnn(), tdl2, vdl, loss_func=nn.CrossEntropyLoss(), path=tmp_path, cbs=[SaveCheckpoint()], progress=False, device="cpu")
+    learn2.fit(3, resume=tmp_path)
+    assert tdl2.epochs == [2]
