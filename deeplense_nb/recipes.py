@@ -56,7 +56,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            "DeepLense Task II baseline CNN with two convolutions",
            {**_LENS, "model": "cnn_baseline", "balance": "weighted"}),
     Recipe("model-zoo", "experiment", "13 architectures trained with one budget, compared by AUC against training time",
-           "DeepLense model-zoo comparisons (AUC vs time); `deeplense run model-zoo`", {"experiment": "model-zoo"}),
+           "DeepLense model-zoo comparisons (AUC vs time); `deeplense run model-zoo`",
+           {"experiment": "model-zoo", "models": ["resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_b0", "efficientnet_b1",
+                                                  "efficientnet_b2", "mobilenetv3_small", "mobilenetv3_large", "convnext_tiny",
+                                                  "convnextv2_tiny", "resnet20", "cnn_baseline"]}),
     Recipe("ddpm-mse-ssim", "diffusion", "DDPM with an MSE + SSIM loss, gradient accumulation and ReduceLROnPlateau",
            "DeepLense Task IV (diffusion) solution with a DDPM",
            {"objective": "eps", "ssim_weight": 0.2, "grad_accum": 4, "sched": "plateau", "plateau_patience": 3, "plateau_factor": 0.5,
@@ -117,7 +120,8 @@ def run_recipe(name: str, # a name from `RECIPES`
     "Train with recipe `name`, the given settings overriding the recipe's; returns what its trainer returns."
     r = get_recipe(name)
     if r.trainer == "experiment":
-        raise DeepLenseError(f"recipe {name!r} is an experiment notebook: run `deeplense run {r.settings['experiment']} -p data_dir DATA`.")
+        ps = " ".join(f"-p {k} '{json.dumps(v)}'" for k, v in r.settings.items() if k != "experiment")
+        raise DeepLenseError(f"recipe {name!r} is an experiment notebook: run `deeplense run {r.settings['experiment']} {ps} -p data_dir DATA`.")
     fn, kw = _TRAIN[r.trainer], {**r.settings, **overrides}
     if r.trainer != "classify": _check_settings(fn, kw, name)  # train_classifier names unknown settings itself
     return fn(data, out=out, **kw)
