@@ -10,12 +10,15 @@ import argparse, dataclasses, json, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
+import re
 import torch
+import torch.nn.functional as F
+from torch import nn
 from fastcore.basics import patch
 from .core import (Config, DeepLenseError, add_config_arguments, atomic_write_text, check_choice,
                                config_from_args, read_config_file, seed_everything)
 from .checkpoint import _jsonable, checkpoint_meta
-from .data import get_dataloaders
+from .data import augment_from_spec, class_weights, get_dataloaders
 from .models import create_model
 from .losses import get_loss
 from .training import (Callback, HistoryLogger, Learner, SaveCheckpoint, StopOnNonFinite, accuracy, dist_env,
@@ -23,14 +26,15 @@ from .training import (Callback, HistoryLogger, Learner, SaveCheckpoint, StopOnN
 from . import callbacks as C
 
 # %% auto #0
-__all__ = ['TASKS', 'CHOICES', 'TrainConfig', 'train_classifier']
+__all__ = ['TASKS', 'CHOICES', 'TrainConfig', 'resolve_class_weights', 'Resize', 'train_classifier']
 
 # %% ../nbs/06b_classify.ipynb #84b047b1
 TASKS = {"substructure": "substructure", "task1": "substructure", "lens-finding": "lens-finding", "lens_finding": "lens-finding"}
 CHOICES = {"task": tuple(TASKS), "opt": ("adamw", "adam", "sgd"), "loss": ("ce", "focal"),
            "sched": ("onecycle", "cosine", "step", "plateau", "none"), "amp": ("auto", "off", "bf16", "fp16"),
            "monitor": ("roc_auc", "accuracy", "valid_loss"), "on_error": ("raise", "skip"),
-           "device_data": ("auto", "on", "off")}
+           "device_data": ("auto", "on", "off"), "normalize": (None, "standardize", "log"),
+           "resize_mode": ("bilinear", "bicubic", "area", "nearest")}
 
 # %% ../nbs/06b_classify.ipynb #904cd10e
 @dataclass
@@ -62,7 +66,7 @@ class TrainConfig(Config):
     val_frac: float = 0.1         # validation share carved off train when the data have no val split
     folds: int = 0                # > 1: k-fold cross-validation on the training pool, validating on fold `fold`
     fold: int = 0                 # which fold validates (0 .. folds-1)
-    augment: bool = True          # training augmentation (D4 flips/rotations and a small affine)
+    augment: bool | str = True    # training augmentation: True (D4 flips/rotations), False, or a spec such as "flip,rot90,affine:deg=10"
     balance: str | float | None = None  # None, "weighted", or a minority:majority ratio such as 0.2
     subset: float | int | None = None   # keep a stratified fraction (< 1) or number of images of every split
     on_error: str = "raise"       # bad data files: "raise" (stop before training, naming the file) or "skip" (report and go on)
@@ -73,6 +77,15 @@ class TrainConfig(Config):
     deterministic: bool = False   # deterministic algorithms (slower)
     model_kwargs: dict = field(default_factory=dict)  # model settings, e.g. {"drop_rate": 0.2} (see `deeplense list-models`)
     loss_kwargs: dict = field(default_factory=dict)   # loss settings, e.g. {"gamma": 2.0} or {"class_weights": [1.0, 16.0]}
+    gamma: float = 2.0            # focal loss focusing parameter (--loss focal; 0 gives cross-entropy)
+    class_weights: str | list | None = None  # loss weights: None, "balanced" N/(K n_c), "inverse" N/n_c, a formula such as "N/(2.5n)", or a list
+    step_size: int = 10           # --sched step: epochs between learning-rate decays
+    step_gamma: float = 0.1       # --sched step: learning-rate factor at every decay
+    plateau_patience: int = 2     # --sched plateau: epochs without improvement of valid_loss before a decay
+    plateau_factor: float = 0.1   # --sched plateau: learning-rate factor at every decay
+    normalize: str | None = None  # pixel normalisation: None (as stored), "standardize" (train mean/std) or "log" (log stretch)
+    resize: int | None = None     # resize every image to this many pixels a side (None: keep the data's size)
+    resize_mode: str = "bilinear" # resize interpolation: bilinear | bicubic | area | nearest
 
 # %% ../nbs/06b_classify.ipynb #2483def9
 @patch
@@ -85,11 +98,49 @@ def validate(self: TrainConfig) -> TrainConfig:
     if not self.lr > 0: raise DeepLenseError(f"lr must be > 0, got {self.lr}.")
     if not 0 < self.val_frac < 1: raise DeepLenseError(f"val_frac must be between 0 and 1, got {self.val_frac}.")
     if self.subset is not None and not self.subset > 0: raise DeepLenseError(f"subset must be > 0 (a fraction or a count), got {self.subset}.")
+    if self.gamma < 0: raise DeepLenseError(f"gamma must be >= 0, got {self.gamma}.")
+    if self.resize is not None and int(self.resize) < 8: raise DeepLenseError(f"resize must be >= 8 pixels, got {self.resize}.")
+    if isinstance(self.augment, str): _augment(self.augment, 0)  # a bad spec fails here, before any data are read
     return self
 
+# %% ../nbs/06b_classify.ipynb #38faf405
+@patch
+def to_dict(self: TrainConfig) -> dict:
+    "A JSON-able dict of the settings; a Python augmentation module is recorded by its repr (`custom:...`)."
+    d = Config.to_dict(self)
+    if isinstance(self.augment, nn.Module): d["augment"] = "custom:" + " ".join(repr(self.augment).split())
+    return d
+
+def _augment(spec: bool | str | nn.Module, seed: int) -> bool | nn.Module:
+    "The training augmentation of a setting: True/False, a spec string, or a module used as given."
+    if not isinstance(spec, str): return spec
+    if spec.startswith("custom:"):
+        raise DeepLenseError(f"augment={spec[:60]!r}...: this run used a Python augmentation module, recorded by its repr, which a "
+                             "config cannot rebuild; pass the module again (train_classifier(augment=...)) or a spec such as 'flip,rot90'.")
+    return augment_from_spec(spec, seed=seed)
+
+# %% ../nbs/06b_classify.ipynb #1208f1f6
+_CW_FORMULA = re.compile(r"N/\(?(\d*\.?\d+)?\*?n\)?")
+
+def resolve_class_weights(spec: str | Sequence[float] | None, # a `class_weights` setting
+                          labels: Sequence[int], # training labels 0..K-1
+                          num_classes: int, # K
+                         ) -> list[float] | None:
+    "Per-class loss weights from a setting: None, 'balanced', 'inverse', a formula 'N/(k n)' (N/(k n_c)) or a list."
+    if spec is None or spec == "none": return None
+    if not isinstance(spec, str):
+        if len(spec) != num_classes: raise DeepLenseError(f"class_weights {list(spec)}: expected {num_classes} numbers, one per class.")
+        return [float(w) for w in spec]
+    if spec in ("balanced", "inverse"): return class_weights(labels, num_classes=num_classes, kind=spec).tolist()
+    m = _CW_FORMULA.fullmatch(spec.replace(" ", ""))
+    if not m: raise DeepLenseError(f"class_weights={spec!r}: expected none, balanced, inverse, a formula such as 'N/(2.5n)', or a list of numbers.")
+    return (class_weights(labels, num_classes=num_classes, kind="inverse") / float(m.group(1) or 1)).tolist()
+
 # %% ../nbs/06b_classify.ipynb #39376493
-def _make_loss(cfg: TrainConfig) -> Callable:
+def _make_loss(cfg: TrainConfig, weights: list[float] | None = None) -> Callable:
     kw = {"label_smoothing": cfg.label_smoothing} if cfg.label_smoothing else {}
+    if cfg.loss == "focal": kw["gamma"] = cfg.gamma
+    if weights is not None: kw["class_weights"] = weights
     return get_loss(cfg.loss, **{**kw, **cfg.loss_kwargs})
 
 def _make_opt(name: str) -> Callable:
@@ -99,6 +150,19 @@ def _make_opt(name: str) -> Callable:
     return sgd
 
 # %% ../nbs/06b_classify.ipynb #c1adc0fc
+class Resize(Callback):
+    "Resize the images of every batch (training and validation) to `size` x `size` pixels."
+    order = -20
+    def __init__(self, size: int, mode: str = "bilinear"): self.size, self.mode = int(size), mode
+    def before_batch(self):
+        kw = {"align_corners": False, "antialias": True} if self.mode in ("bilinear", "bicubic") else {}
+        rs = lambda x: F.interpolate(x, size=(self.size, self.size), mode=self.mode, **kw) if isinstance(x, torch.Tensor) and x.ndim == 4 else x
+        self.learn.xb = tuple(rs(x) for x in self.learn.xb)
+    def __repr__(self): return f"Resize({self.size}, {self.mode!r})"
+
+_SCHED_KW = {"cosine": lambda c: {"warmup": c.warmup}, "step": lambda c: {"step_size": c.step_size, "gamma": c.step_gamma},
+             "plateau": lambda c: {"patience": c.plateau_patience, "factor": c.plateau_factor}}
+
 def _callbacks(cfg: TrainConfig, device: torch.device, num_classes: int) -> list[Callback]:
     cbs = [SaveCheckpoint(monitor=cfg.monitor), HistoryLogger(), StopOnNonFinite("lower the learning rate (--lr) or clip the gradients (--clip 1.0)")]
     amp = cfg.amp if cfg.amp != "auto" or device.type == "cuda" else "off"
@@ -110,7 +174,8 @@ def _callbacks(cfg: TrainConfig, device: torch.device, num_classes: int) -> list
     if cfg.ema: cbs.append(C.EMA(cfg.ema))
     for kind, alpha in (("mixup", cfg.mixup), ("cutmix", cfg.cutmix)):
         if alpha > 0: cbs.append(C.MixUpCallback(alpha, kind=kind, num_classes=num_classes))
-    if cfg.sched != "none": cbs.append(C.get_scheduler(cfg.sched, **({"warmup": cfg.warmup} if cfg.sched == "cosine" else {})))
+    if cfg.resize: cbs.append(Resize(cfg.resize, cfg.resize_mode))
+    if cfg.sched != "none": cbs.append(C.get_scheduler(cfg.sched, **_SCHED_KW.get(cfg.sched, lambda c: {})(cfg)))
     if cfg.early_stop: cbs.append(C.EarlyStopping(monitor=cfg.monitor, patience=cfg.early_stop))
     return cbs
 
@@ -178,7 +243,8 @@ def _config(data, kw: dict) -> TrainConfig:
 def _learner(cfg: TrainConfig, dls, dev, out: Path, cbs, progress: bool) -> Learner:
     classes = list(dls.classes)
     net = create_model(cfg.model, in_chans=dls.in_chans, num_classes=len(classes), pretrained=cfg.pretrained, **cfg.model_kwargs)
-    return Learner(net, dls.train, dls.valid, loss_func=_make_loss(cfg), opt_func=_make_opt(cfg.opt), lr=cfg.lr, wd=cfg.wd,
+    w = resolve_class_weights(cfg.class_weights, dls.train.dataset.labels, len(classes))
+    return Learner(net, dls.train, dls.valid, loss_func=_make_loss(cfg, w), opt_func=_make_opt(cfg.opt), lr=cfg.lr, wd=cfg.wd,
                    metrics=[roc_auc, accuracy], cbs=[*_callbacks(cfg, dev, len(classes)), *cbs], device=dev, path=out,
                    progress=progress, config={"train": cfg.to_dict(), "classes": classes, "task": cfg.task,
                                               "in_chans": dls.in_chans, "img_size": getattr(dls, "img_size", None)})
@@ -201,12 +267,13 @@ def train_classifier(data, # dataset folder (real or simulated layout) or packed
     dd = cfg.device_data if world == 1 else "off"  # DDP shards a BatchLoader; device-resident loaders are single-process
     seed_everything(cfg.seed, deterministic=cfg.deterministic)
     dls = get_dataloaders(data, task=TASKS.get(cfg.task) if cfg.task else None, batch_size=cfg.batch_size,
-                          val_frac=cfg.val_frac, seed=cfg.seed, augment=cfg.augment, num_workers=cfg.num_workers,
+                          val_frac=cfg.val_frac, seed=cfg.seed, augment=_augment(cfg.augment, cfg.seed), num_workers=cfg.num_workers,
                           balance=cfg.balance, subset=cfg.subset, device=dev if dd != "off" else None, device_data=dd,
                           folds=cfg.folds, fold=cfg.fold, on_error=cfg.on_error,
-                          epoch_size=cfg.epoch_size)
+                          epoch_size=cfg.epoch_size, normalize=cfg.normalize)
     learn = _learner(cfg, dls, dev, out, cbs, progress)
     ck, note = (out / "last.ckpt" if resume and (out / "last.ckpt").is_file() else None), _split_note(dls, cfg)
+    if isinstance(cfg.augment, nn.Module): note += "; the augmentation is a Python module, recorded by its repr only (not rebuildable from config.json)"
     if ck is not None: _check_resumable(ck, cfg, learn.config)
     if learn.is_main:
         print(f"deeplense train: {note}." + (f" No checkpoint in {out} yet: starting from scratch." if resume and ck is None else ""))
@@ -224,6 +291,14 @@ def train_classifier(data, # dataset folder (real or simulated layout) or packed
 def _num(s: str) -> float | int:
     v = float(s); return int(v) if v.is_integer() and v >= 1 else v
 
+def _augment_arg(s: str) -> bool | str:
+    return {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(s.lower(), s)
+
+def _class_weights_arg(s: str) -> str | list:
+    if not s.lstrip().startswith("["): return s
+    try: return [float(v) for v in json.loads(s)]
+    except (ValueError, TypeError) as e: raise argparse.ArgumentTypeError(f"expected a JSON list of numbers, e.g. [1, 4] ({e})") from None
+
 def _balance(s: str) -> str | float:
     return s if s == "weighted" else float(s)
 
@@ -234,9 +309,12 @@ def _print_summary(m: dict, out):
     print(f"deeplense train: wrote {Path(out) / 'metrics.json'}, best.ckpt, last.ckpt, history.csv")
 
 # %% ../nbs/06b_classify.ipynb #142f36ad
-def _cli_train(p: argparse.ArgumentParser):
-    add_config_arguments(TrainConfig, p, choices={**CHOICES, "task": ("substructure", "lens-finding")},
-                         types={"subset": _num, "balance": _balance})
+def _cli_train(p: argparse.ArgumentParser, base: Callable[[argparse.Namespace], dict] | None = None): # base: settings under the config file (a recipe's)
+    add_config_arguments(TrainConfig, p, skip=("augment",), choices={**CHOICES, "task": ("substructure", "lens-finding")},
+                         types={"subset": _num, "balance": _balance, "class_weights": _class_weights_arg})
+    p.add_argument("--augment", nargs="?", const=True, type=_augment_arg, default=argparse.SUPPRESS, metavar="SPEC",
+                   help='training augmentation: on (default), or a spec such as "flip,rot90,affine:deg=10"')
+    p.add_argument("--no-augment", dest="augment", action="store_const", const=False, default=argparse.SUPPRESS, help="no training augmentation")
     p.add_argument("--config", metavar="FILE", help="settings from a JSON or TOML file (flags given here override them)")
     p.add_argument("--out", required=True, help="run folder for best.ckpt, last.ckpt, history.csv, metrics.json")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.ckpt")
@@ -244,7 +322,7 @@ def _cli_train(p: argparse.ArgumentParser):
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     def run(a):
-        cfg = config_from_args(TrainConfig, a, read_config_file(a.config) if a.config else None)
+        cfg = config_from_args(TrainConfig, a, {**(base(a) if base else {}), **(read_config_file(a.config) if a.config else {})})
         if not cfg.data: raise DeepLenseError("--data is required (a dataset folder or packed store), on the command line or in --config.")
         m = train_classifier(cfg.data, out=a.out, device=a.device, resume=a.resume, overwrite=a.overwrite,
                              progress=not a.no_progress, **{k: v for k, v in cfg.to_dict().items() if k != "data"})

@@ -306,13 +306,15 @@ class TwoHeadNet(_PinnBase):
                  src_npix: int = 64, src_pixel_scale: float = 0.04,
                  bounds: LensParamBounds | dict | None = None, hidden: int = 128, # lens head's hidden width
                  drop_rate: float = 0.0, # dropout before the classification head
+                 head_hidden: int = 0, # > 0: the classification head is an MLP features -> head_hidden -> classes
                 ):
         super().__init__()
         self._init_common(backbone, num_classes, input_norm)
         self.image_backbone = create_model(backbone, in_chans=in_chans, num_classes=0, **(backbone_kw or {}))
         nf = self.num_features = self.image_backbone.num_features
         self.drop = nn.Dropout(drop_rate) if drop_rate else nn.Identity()
-        self.head = nn.Linear(nf, num_classes)
+        self.head = (nn.Sequential(nn.Linear(nf, head_hidden), nn.ReLU(inplace=True), nn.Linear(head_hidden, num_classes))
+                     if head_hidden else nn.Linear(nf, num_classes))
         self._setup_layer(nf, profile=profile, shear=shear, pixel_scale=pixel_scale, src_npix=src_npix,
                           src_pixel_scale=src_pixel_scale, bounds=bounds, hidden=hidden)
 

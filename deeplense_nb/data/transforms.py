@@ -23,9 +23,9 @@ from ..core import check_choice
 from .files import DataError
 
 # %% auto #0
-__all__ = ['minmax_scale', 'dataset_stats', 'Normalize', 'log_stretch', 'LogStretch', 'd4', 'd4_transforms',
+__all__ = ['AUGMENTS', 'minmax_scale', 'dataset_stats', 'Normalize', 'log_stretch', 'LogStretch', 'd4', 'd4_transforms',
            'RandomBatchTransform', 'RandomD4', 'RandomFlip', 'RandomRot90', 'RandomAffine', 'RandomResizedCrop',
-           'ColorJitter', 'GaussianBlur', 'GaussianNoise', 'default_augment', 'MixUp', 'CutMix']
+           'ColorJitter', 'GaussianBlur', 'GaussianNoise', 'default_augment', 'augment_from_spec', 'MixUp', 'CutMix']
 
 # %% ../../nbs/034_data.transforms.ipynb #3fbb7c64
 def minmax_scale(x: np.ndarray | torch.Tensor, # image (C, H, W) / (H, W) or batch (B, C, H, W)
@@ -259,6 +259,31 @@ def default_augment(*, seed: int | None = None, # seed (each transform gets its 
     s = lambda k: None if seed is None else seed + k
     tfms = [RandomD4(seed=s(0))]
     if rotate or translate: tfms.append(RandomAffine(degrees=rotate, translate=translate, p=0.5, seed=s(1)))
+    return nn.Sequential(*tfms)
+
+# %% ../../nbs/034_data.transforms.ipynb #a0f164fe
+AUGMENTS = {"d4": RandomD4, "flip": RandomFlip, "rot90": RandomRot90, "affine": RandomAffine, "crop": RandomResizedCrop,
+            "jitter": ColorJitter, "blur": GaussianBlur, "noise": GaussianNoise}
+_ALIASES = {"deg": "degrees"}
+
+def _spec_value(s: str):
+    try: return int(s) if s.lstrip("-").isdigit() else float(s)
+    except ValueError: return s
+
+def augment_from_spec(spec: str, # e.g. "flip,rot90,affine:deg=10" (names from `AUGMENTS`, settings after ':')
+                      *, seed: int | None = None, # seed (each transform gets its own stream)
+                     ) -> nn.Sequential:
+    "Build an augmentation pipeline from a JSON-able spec string."
+    tfms = []
+    for i, part in enumerate(p.strip() for p in spec.split(",") if p.strip()):
+        name, *kvs = part.split(":")
+        check_choice("augmentation", name.strip(), tuple(AUGMENTS), error=DataError)
+        bad = [kv for kv in kvs if "=" not in kv]
+        if bad: raise DataError(f"augmentation {part!r}: settings are key=value (e.g. 'affine:deg=10'), got {bad}.")
+        kw = {_ALIASES.get(k.strip(), k.strip()): _spec_value(v.strip()) for k, v in (kv.split("=", 1) for kv in kvs)}
+        try: tfms.append(AUGMENTS[name.strip()](**kw, seed=None if seed is None else seed + i))
+        except TypeError as e: raise DataError(f"augmentation {part!r}: {e}") from None
+    if not tfms: raise DataError(f"augmentation spec {spec!r} names no transform; expected names from {', '.join(AUGMENTS)}.")
     return nn.Sequential(*tfms)
 
 # %% ../../nbs/034_data.transforms.ipynb #deed9561

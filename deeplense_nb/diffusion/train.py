@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..core import DeepLenseError, atomic_write_text, check_choice, get_device, seed_everything
 from ..data import get_dataloaders
 from ..training import Learner, SaveCheckpoint, HistoryLogger
-from ..callbacks import EMA, ChannelsLast, CosineWarmup, GradientClip, MixedPrecision, TorchCompile
+from ..callbacks import (EMA, ChannelsLast, CosineWarmup, GradientAccumulation, GradientClip, MixedPrecision,
+                                  PlateauSchedule, TorchCompile)
 from .unet import UNet, UNetConfig
 from .gaussian import GaussianDiffusion, SCHEDULES, OBJECTIVES
 
@@ -57,18 +58,20 @@ def diffusion_loaders(data, # images `(N, C, H, W)` in [0, 1], `(images, labels)
                       augment: bool = False, # folders/stores: the package's default (dihedral) augmentation
                       seed: int = 0, # seed of the split and the shuffling
                       num_workers: int = 0, # DataLoader workers (folders/stores)
+                      subset: float | int | None = None, # keep this fraction (< 1) or number of the training images
                      ) -> tuple[Any, Any, list[str]]:
     "Loaders of images in [0, 1] (and labels) for `train_diffusion`: `(train_dl, valid_dl or None, classes)`; folders keep their validation split."
     if isinstance(data, DataLoader): return data, None, []
     if isinstance(data, (str, Path)):
         dls = get_dataloaders(data, batch_size=batch_size, val_frac=val_frac or 0.1, seed=seed, augment=augment,
-                              num_workers=num_workers)
+                              num_workers=num_workers, subset=subset)
         return dls.train, dls.valid, list(dls.classes or [])
     x, y = _images_labels(data)
     if not 0 <= val_frac < 1: raise DeepLenseError(f"val_frac must be in [0, 1), got {val_frac}")
     n_val = int(round(val_frac * len(x)))
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(int(seed)))
     sub = lambda idx: (x[idx], y[idx] if y is not None else None)
+    if subset is not None: perm = perm[:n_val + max(1, int(subset if subset >= 1 else round(subset * (len(x) - n_val))))]
     train_dl = _tensor_loader(*sub(perm[n_val:]), batch_size=batch_size, seed=seed)
     valid_dl = _tensor_loader(*sub(perm[:n_val]), batch_size=batch_size, seed=seed, shuffle=False) if n_val else None
     classes = [str(i) for i in range(int(y.max()) + 1)] if y is not None else []
@@ -76,12 +79,15 @@ def diffusion_loaders(data, # images `(N, C, H, W)` in [0, 1], `(images, labels)
 
 # %% ../../nbs/08c_diffusion_train.ipynb #cacef3c0
 def _diffusion_cbs(dev: torch.device, *, ema_decay: float, warmup: float, lr: float, clip: float | None,
-                   amp: bool | str | None, extra: Sequence = (), channels_last: bool = False,
-                   compile: bool = False) -> tuple[list, bool | str]:
+                   amp: bool | str | None, extra: Sequence = (), channels_last: bool = False, compile: bool = False,
+                   sched: str = "cosine", plateau: dict | None = None, grad_accum: int = 1) -> tuple[list, bool | str]:
     "Callbacks of `train_diffusion` and the resolved `amp` setting (None: autocast on CUDA only)."
     if amp is None: amp = "auto" if dev.type == "cuda" else False
     elif amp is True: amp = "auto"
-    cbs = [EMA(ema_decay, warmup=True), CosineWarmup(warmup=warmup, min_lr=lr / 10)]
+    check_choice("sched", sched, ("cosine", "plateau"))
+    cbs = [EMA(ema_decay, warmup=True),
+           CosineWarmup(warmup=warmup, min_lr=lr / 10) if sched == "cosine" else PlateauSchedule(**(plateau or {}))]
+    if grad_accum > 1: cbs.append(GradientAccumulation(grad_accum))
     if clip: cbs.append(GradientClip(clip))
     if amp: cbs.append(MixedPrecision(amp))
     if channels_last: cbs.append(ChannelsLast())
@@ -109,7 +115,12 @@ def train_diffusion(data, # images `(N, C, H, W)` in [0, 1], `(images, labels)`,
                     batch_size: int = 32, # images per optimizer step
                     lr: float = 2e-4, # peak learning rate (AdamW; linear warm-up then cosine to lr/10)
                     wd: float = 0.0, # weight decay
-                    warmup: float = 0.05, # warm-up steps, or a fraction of all steps when < 1
+                    warmup: float = 0.05, # warm-up steps, or a fraction of all steps when < 1 (sched="cosine")
+                    sched: str = "cosine", # "cosine" (warm-up then cosine to lr/10) or "plateau" (ReduceLROnPlateau on the loss)
+                    plateau_patience: int = 2, # sched="plateau": epochs without improvement before a decay
+                    plateau_factor: float = 0.5, # sched="plateau": learning-rate factor at every decay
+                    grad_accum: int = 1, # accumulate gradients over this many batches
+                    subset: float | int | None = None, # train on this fraction (< 1) or number of the images
                     ema_decay: float = 0.999, # EMA decay of the weights used for sampling (with warm-up)
                     clip: float | None = 1.0, # gradient-norm clipping (None: off)
                     amp: bool | str | None = None, # None: autocast on CUDA (bf16, else fp16), off on CPU; or True/"bf16"/"fp16"/False
@@ -129,18 +140,22 @@ def train_diffusion(data, # images `(N, C, H, W)` in [0, 1], `(images, labels)`,
     check_choice("schedule", schedule, SCHEDULES); check_choice("objective", objective, OBJECTIVES)
     seed_everything(seed)
     train_dl, valid_dl, classes = diffusion_loaders(data, batch_size=batch_size, val_frac=val_frac, augment=augment,
-                                                    seed=seed, num_workers=num_workers)
+                                                    seed=seed, num_workers=num_workers, subset=subset)
     xb, yb = _first_batch(train_dl)
     if conditional and (yb is None or not classes):
         raise DeepLenseError("conditional=True needs labelled data: pass (images, labels) or a labelled dataset folder")
     gd = _objective_for(xb, classes, unet=unet, conditional=conditional, timesteps=timesteps, schedule=schedule,
                         objective=objective, ssim_weight=ssim_weight, p_uncond=p_uncond)
     dev = get_device(device)
+    plateau = {"monitor": "valid_loss" if valid_dl is not None else "train_loss", "patience": plateau_patience, "factor": plateau_factor}
     cbs, amp = _diffusion_cbs(dev, ema_decay=ema_decay, warmup=warmup, lr=lr, clip=clip, amp=amp, extra=cbs, compile=compile,
-                              channels_last=dev.type == "cuda" if channels_last is None else channels_last)
+                              channels_last=dev.type == "cuda" if channels_last is None else channels_last,
+                              sched=sched, plateau=plateau, grad_accum=grad_accum)
     config = {"kind": "diffusion", "model_config": gd.model_config,
               "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "wd": wd, "warmup": warmup,
                         "ema_decay": ema_decay, "clip": clip, "amp": amp, "val_frac": val_frac, "seed": seed,
+                        "sched": sched, "plateau_patience": plateau_patience, "plateau_factor": plateau_factor,
+                        "grad_accum": grad_accum, "subset": subset,
                         "data": str(data) if isinstance(data, (str, Path)) else type(data).__name__}}
     if out is not None:
         out = Path(out); cbs += [SaveCheckpoint(out, monitor="train_loss", best=False), HistoryLogger(out)]
