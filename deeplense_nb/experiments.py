@@ -209,7 +209,7 @@ def run_demo(out: str | Path = "demo_out", *, device: str = "auto", seed: int = 
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
     say = lambda s: print(f"[demo {time.time() - t_all:6.0f}s] {s}", flush=True)
-    info = env_info(str(dev))
+    info = env_info(dev)
     say(f"deeplense_nb {info['deeplense_nb']}, torch {info['torch']}, device {info['device']}; settings {cfg}")
     data = out / "data"
     man = json.loads((data / "manifest.json").read_text()) if (data / "manifest.json").exists() else None
@@ -219,15 +219,15 @@ def run_demo(out: str | Path = "demo_out", *, device: str = "auto", seed: int = 
     else:
         t0 = time.time()
         simulate_task1(data, n_train=cfg["n_train"], n_val=cfg["n_val"], seed=seed, preset=cfg["preset"], dtype="float32",
-                       device=str(dev), overwrite=True)
+                       device=dev, overwrite=True)
         say(f"1/3 simulated {cfg['n_train']} + {cfg['n_val']} Model I images (preset {cfg['preset']}; no/sphere/vort) into {data} in {time.time() - t0:.0f}s")
     t0 = time.time()
     tm = train_classifier(data, task="substructure", model=cfg["model"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
-                          lr=cfg["lr"], out=out / "train", device=str(dev), seed=seed,
+                          lr=cfg["lr"], out=out / "train", device=dev, seed=seed,
                           overwrite=True)  # the demo folder is scratch: each `make demo` trains afresh (the data are reused)
     train_time = time.time() - t0
     say(f"2/3 trained {cfg['model']} for {cfg['epochs']} epochs in {train_time:.0f}s (best epoch {tm['best_epoch']}, val AUC {tm['roc_auc']:.4f})")
-    rep = evaluate(out / "train" / "best.ckpt", data, split="val", device=str(dev), history=out / "train",
+    rep = evaluate(out / "train" / "best.ckpt", data, split="val", device=dev, history=out / "train",
                    info={"model": cfg["model"], "epochs": cfg["epochs"], "train_time_s": train_time, "demo": cfg})
     rep.save(out / "report")
     m = rep.metrics
