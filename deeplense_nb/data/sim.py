@@ -117,6 +117,8 @@ class SimSource:
     @property
     def classes(self) -> list: return list(self.preset.classes)
     @property
+    def labels(self) -> list: return [i % len(self.preset.classes) for i in range(self.n)]  # a stream cycles the classes
+    @property
     def split_names(self) -> tuple: return (self.split,)
     @property
     def in_chans(self) -> int: return 3 if isinstance(self.preset, LensFindingPreset) else 1
