@@ -6,29 +6,21 @@ Docs: https://ml4sci.github.io/deeplense_nb/equivariant.html.md"""
 
 # %% ../nbs/03b_equivariant.ipynb #118835f3
 from __future__ import annotations
-import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from .data.transforms import d4
 
 # %% auto #0
-__all__ = ['D4_MUL', 'D4_INV', 'd4_apply', 'd4_act', 'LiftConv', 'GroupConv', 'SymmetricPool', 'P4MBackbone']
+__all__ = ['D4_MUL', 'D4_INV', 'd4_act', 'LiftConv', 'GroupConv', 'SymmetricPool', 'P4MBackbone']
 
 # %% ../nbs/03b_equivariant.ipynb #1e7ec4c6
-def d4_apply(x: torch.Tensor, # tensor whose last two axes are square (..., N, N)
-             g: int, # group element 0..7: mirror = g // 4, quarter turns = g % 4
-            ) -> torch.Tensor:
-    "Apply element `g` of D4 to the last two axes of `x`: transpose `g // 4` times, then rotate by `g % 4` quarter turns."
-    m, r = divmod(int(g), 4)
-    if m: x = x.transpose(-2, -1)
-    return torch.rot90(x, r, dims=(-2, -1)) if r else x
-
 def _cayley() -> tuple[list[list[int]], list[int]]:
-    "Multiplication table `mul[a][b]` (apply b, then a) and inverses of D4, read off from `d4_apply`."
+    "Multiplication table `mul[a][b]` (apply b, then a) and inverses of D4, read off from `data.transforms.d4`."
     p = torch.arange(9.0).reshape(3, 3)
-    views = [d4_apply(p, g) for g in range(8)]
+    views = [d4(p, g) for g in range(8)]
     def which(t): return next(i for i, v in enumerate(views) if torch.equal(v, t))
-    mul = [[which(d4_apply(d4_apply(p, b), a)) for b in range(8)] for a in range(8)]
+    mul = [[which(d4(d4(p, b), a)) for b in range(8)] for a in range(8)]
     inv = [mul[a].index(0) for a in range(8)]
     return mul, inv
 
@@ -40,44 +32,34 @@ def d4_act(f: torch.Tensor, # group feature map (..., 8, H, W)
           ) -> torch.Tensor:
     "The action of `g` on a feature map over D4: transform every spatial map by `g` and move group channel `h` to `g h`."
     perm = [D4_MUL[D4_INV[g]][h] for h in range(8)]  # new channel h holds old channel g^-1 h
-    return d4_apply(f[..., perm, :, :], g)
-
-def _init(w: torch.Tensor, fan_in: int) -> torch.Tensor:
-    return nn.init.kaiming_normal_(w.view(w.shape[0], -1), nonlinearity="relu").view_as(w) if fan_in else w
+    return d4(f[..., perm, :, :], g)
 
 # %% ../nbs/03b_equivariant.ipynb #58f881f5
-class LiftConv(nn.Module):
-    "Lifting convolution: `(B, C, H, W)` -> `(B, C', 8, H, W)`, one response per rotated/mirrored copy of each filter."
-    def __init__(self, cin: int, cout: int, kernel_size: int = 5):
+class _D4Conv(nn.Module):
+    "A convolution with the 8 D4 copies of each filter: `group=False` lifts `(B, C, H, W)`, `group=True` maps `(B, C, 8, H, W)`; both give `(B, C', 8, H, W)`."
+    def __init__(self, cin: int, cout: int, kernel_size: int, group: bool):
         super().__init__()
         if kernel_size % 2 == 0: raise ValueError(f"kernel_size must be odd (a centred filter), got {kernel_size}")
-        self.cin, self.cout, self.k = cin, cout, kernel_size
-        self.weight = nn.Parameter(torch.empty(cout, cin, kernel_size, kernel_size))
-        nn.init.kaiming_normal_(self.weight, nonlinearity="relu")
+        self.cin, self.cout, self.k, self.g = cin, cout, kernel_size, 8 if group else 1
+        self.weight = nn.Parameter(torch.empty(cout, cin, *(8,) * group, kernel_size, kernel_size))
+        nn.init.kaiming_normal_(self.weight.view(cout, cin * self.g, kernel_size, kernel_size), nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = torch.stack([d4_apply(self.weight, g) for g in range(8)], 1)  # (C', 8, C, k, k)
-        y = F.conv2d(x, w.reshape(self.cout * 8, self.cin, self.k, self.k), padding=self.k // 2)
+        act = d4_act if self.g == 8 else d4   # a group filter also permutes its input group axis
+        w = torch.stack([act(self.weight, g) for g in range(8)], 1)  # (C', 8, C, [8,] k, k)
+        y = F.conv2d(x.flatten(1, 2) if self.g == 8 else x, w.reshape(self.cout * 8, self.cin * self.g, self.k, self.k), padding=self.k // 2)
         return y.unflatten(1, (self.cout, 8))
 
     def extra_repr(self): return f"{self.cin}, {self.cout}, kernel_size={self.k}"
+
+class LiftConv(_D4Conv):
+    "Lifting convolution: `(B, C, H, W)` -> `(B, C', 8, H, W)`, one response per rotated/mirrored copy of each filter."
+    def __init__(self, cin: int, cout: int, kernel_size: int = 5): super().__init__(cin, cout, kernel_size, group=False)
 
 # %% ../nbs/03b_equivariant.ipynb #3f29d4dd
-class GroupConv(nn.Module):
+class GroupConv(_D4Conv):
     "Group convolution over D4: `(B, C, 8, H, W)` -> `(B, C', 8, H, W)`, equivariant to rotations and mirror images."
-    def __init__(self, cin: int, cout: int, kernel_size: int = 3):
-        super().__init__()
-        if kernel_size % 2 == 0: raise ValueError(f"kernel_size must be odd (a centred filter), got {kernel_size}")
-        self.cin, self.cout, self.k = cin, cout, kernel_size
-        self.weight = nn.Parameter(torch.empty(cout, cin, 8, kernel_size, kernel_size))
-        nn.init.kaiming_normal_(self.weight.view(cout, cin * 8, kernel_size, kernel_size), nonlinearity="relu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = torch.stack([d4_act(self.weight, g) for g in range(8)], 1)  # (C', 8, C, 8, k, k)
-        y = F.conv2d(x.flatten(1, 2), w.reshape(self.cout * 8, self.cin * 8, self.k, self.k), padding=self.k // 2)
-        return y.unflatten(1, (self.cout, 8))
-
-    def extra_repr(self): return f"{self.cin}, {self.cout}, kernel_size={self.k}"
+    def __init__(self, cin: int, cout: int, kernel_size: int = 3): super().__init__(cin, cout, kernel_size, group=True)
 
 # %% ../nbs/03b_equivariant.ipynb #203c7913
 class SymmetricPool(nn.Module):
