@@ -27,6 +27,12 @@ __all__ = ['DeployError', 'read_weights', 'hf_convnextv2_to_timm', 'ImportReport
 class DeployError(DeepLenseError):
     "A weight file, checkpoint, output path or input that import, export or predict cannot use; the message names it."
 
+def _new_file(out: str | Path, overwrite: bool) -> Path:
+    "`out` as a Path, refusing to replace an existing file unless `overwrite`."
+    out = Path(out)
+    if out.exists() and not overwrite: raise DeployError(f"{out} exists; choose another --out or pass --overwrite.")
+    return out
+
 # %% ../nbs/07a_deploy.ipynb #8a8fb0fd
 def _read_json_weights(p: Path) -> dict[str, torch.Tensor]:
     try: obj = json.loads(p.read_text())
@@ -158,8 +164,7 @@ def import_weights(src: str | Path, # weight file: .pt/.pth (plain or wrapped st
                    **settings, # model settings, e.g. small_input=True
                   ) -> ImportReport:
     "Turn weights trained elsewhere into a deeplense checkpoint, with a key-by-key report; refuses partial matches."
-    src, out = Path(src), Path(out)
-    if out.exists() and not overwrite: raise DeployError(f"{out} exists; choose another --out or pass --overwrite.")
+    src, out = Path(src), _new_file(out, overwrite)
     sd = read_weights(src)
     in_chans, num_classes = _import_shapes(model, sd, settings, in_chans, num_classes, classes, src)
     net = create_model(model, in_chans=in_chans, num_classes=num_classes, **settings)
@@ -195,7 +200,8 @@ def _img_size(meta: dict, img_size) -> tuple[int, int]:
     return int(s[0]), int(s[-1])
 
 # %% ../nbs/07a_deploy.ipynb #5f65a9ec
-def _onnx_write(model, x, out: Path, opset: int, props: dict) -> Path:
+def _onnx_write(model, x, out: Path, opset: int, props: dict, check) -> Path:
+    "Export to a temporary file and `check(tmp)` it there: only a model that passes is moved to `out`."
     onnx = _optional("onnx", "ONNX export")
     def write(tmp):
         with warnings.catch_warnings():
@@ -203,6 +209,7 @@ def _onnx_write(model, x, out: Path, opset: int, props: dict) -> Path:
             torch.onnx.export(model, (x,), str(tmp), input_names=["image"], output_names=["logits"], opset_version=opset,
                               dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
         m = onnx.load(str(tmp)); onnx.helper.set_model_props(m, props); onnx.save(m, str(tmp))
+        check(tmp)
     return atomic_write(out, write)
 
 # %% ../nbs/07a_deploy.ipynb #49301beb
@@ -215,18 +222,20 @@ def export_onnx(ckpt: str | Path, # checkpoint file or run folder
                ) -> dict:
     "Export a checkpoint's classifier to ONNX (dynamic batch axis) and check it against PyTorch with onnxruntime."
     ort = _optional("onnxruntime", "ONNX export")
-    out = Path(out)
-    if out.exists() and not overwrite: raise DeployError(f"{out} exists; choose another --out or pass --overwrite.")
+    out = _new_file(out, overwrite)
     (model,), _, (meta,) = load_models(ckpt)
     C, (H, W) = int(getattr(model, "in_chans", 1)), _img_size(meta, img_size)
     g = torch.Generator().manual_seed(0)
     classes = _meta_classes(meta) or [f"class{i}" for i in range(model.num_classes)]
-    _onnx_write(model, torch.rand(2, C, H, W, generator=g), out, opset, {"classes": json.dumps(classes), "source": str(ckpt)})
-    x = torch.rand(3, C, H, W, generator=g)
-    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    with torch.no_grad(): diff = float(np.abs(sess.run(None, {"image": x.numpy()})[0] - model(x).numpy()).max())
-    if not diff <= atol:
-        raise DeployError(f"{out}: the ONNX model disagrees with PyTorch (max abs logit difference {diff:.3g} > {atol:g}).")
+    x, res = torch.rand(2, C, H, W, generator=g), {}
+    def check(tmp):  # onnxruntime vs PyTorch on a fresh batch, before the file is moved into place
+        xc = torch.rand(3, C, H, W, generator=g)
+        sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        with torch.no_grad(): res["diff"] = diff = float(np.abs(sess.run(None, {"image": xc.numpy()})[0] - model(xc).numpy()).max())
+        if not diff <= atol:
+            raise DeployError(f"{out}: the ONNX model disagrees with PyTorch (max abs logit difference {diff:.3g} > {atol:g}); nothing was written.")
+    _onnx_write(model, x, out, opset, {"classes": json.dumps(classes), "source": str(ckpt)}, check)
+    diff = res["diff"]
     return {"path": str(out), "input": ["batch", C, H, W], "classes": classes, "opset": opset, "max_abs_diff": diff}
 
 # %% ../nbs/07a_deploy.ipynb #63b9812c
@@ -344,8 +353,7 @@ def _cli_predict(p: argparse.ArgumentParser):
     p.add_argument("--allow-pickle", action="store_true", help="read [image, number] object arrays (Model II/III); trusted files only")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     def run(a):
-        out = Path(a.out)
-        if out.exists() and not a.overwrite: raise DeployError(f"{out} exists; choose another --out or pass --overwrite.")
+        out = _new_file(a.out, a.overwrite)
         df = predict_files(a.ckpt, a.paths, tta=a.tta == "d4", batch_size=a.batch_size, device=a.device, allow_pickle=a.allow_pickle)
         atomic_write_text(out, df.to_csv(index=False))
         counts = ", ".join(f"{c} {n}" for c, n in df["pred"].value_counts().sort_index().items())

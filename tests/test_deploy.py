@@ -145,6 +145,16 @@ def test_export_onnx(ckpt_t1, tmp_path, cli):
     assert r.returncode == 2 and "pass --overwrite" in r.stderr
 
 
+def test_export_that_fails_its_check_writes_nothing(ckpt_t1, tmp_path):
+    "The onnxruntime check runs on the temporary file: a model that fails it never reaches --out, nor replaces an old one."
+    with pytest.raises(DeployError, match="disagrees with PyTorch"): export_onnx(ckpt_t1, tmp_path / "m.onnx", img_size=32, atol=-1)
+    assert not (tmp_path / "m.onnx").exists() and not list(tmp_path.glob(".m.onnx.tmp*"))
+    (tmp_path / "m.onnx").write_bytes(b"old")
+    with pytest.raises(DeployError, match="nothing was written"):
+        export_onnx(ckpt_t1, tmp_path / "m.onnx", img_size=32, atol=-1, overwrite=True)
+    assert (tmp_path / "m.onnx").read_bytes() == b"old"
+
+
 def test_export_without_onnx_names_the_extra(ckpt_t1, tmp_path, monkeypatch):
     import deeplense_nb.deploy as D
     real = D.importlib.import_module
