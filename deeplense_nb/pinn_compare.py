@@ -17,13 +17,13 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from torch import Tensor
 from .core import CLASSES_T1, DeepLenseError, check_choice, get_device, seed_everything
-from .metrics import roc_auc
+from .metrics import _jsonable, roc_auc
 from .training import Learner
 from .pinn import (LENS_PARAMS, PINN_KINDS, LensEquationLayer, PhysicsObjective, TruthDataset, create_pinn,
                                physics_weight)
 
 # %% auto #0
-__all__ = ['auc_scores', 'compare_physics', 'physics_summary', 'plot_theta_E_scatter', 'plot_lensing']
+__all__ = ['auc_scores', 'compare_physics', 'physics_summary', 'physics_metrics', 'plot_theta_E_scatter', 'plot_lensing']
 
 # %% ../nbs/09a_pinn_compare.ipynb #be167aa9
 def _loader(ds, batch_size, shuffle, seed, num_workers=0):
@@ -178,6 +178,14 @@ def physics_summary(res: dict) -> str:
                    f"({d:+.3f}; 95% paired-bootstrap interval {b['low']:+.3f} to {b['high']:+.3f} on {n} validation images)"
                    f" -> {verdict}.")
     return "\n".join(out)
+
+# %% ../nbs/09a_pinn_compare.ipynb #ba73c467
+def physics_metrics(res: dict) -> dict:
+    "The headline of a `compare_physics` result as plain JSON: the first physics model's macro AUC, the plain baseline's, and every row (a metric a model has not, e.g. plain's lens consistency, is null, not NaN)."
+    t, kinds = res["table"], list(res["config"]["kinds"])
+    row = lambda n: _jsonable(t.loc[n].to_dict())
+    return {"auc_macro": _jsonable(t.loc[kinds[0], "auc_macro"]), "baseline_auc_macro": _jsonable(t.loc["plain", "auc_macro"]),
+            "baseline": row("plain"), "physics": {kd: row(kd) for kd in kinds}}
 
 # %% ../nbs/09a_pinn_compare.ipynb #f1dd2c32
 def plot_theta_E_scatter(res: dict, # `compare_physics` result (or {name: {"true", "pred"}})

@@ -13,7 +13,8 @@ from .core import DeepLenseError, atomic_write_text, read_config_file
 from .classify import TrainConfig, train_classifier, _cli_train as _cli_train_classifier
 from .diffusion.train import train_diffusion
 from .pinn import TruthDataset
-from .pinn_compare import compare_physics
+from .metrics import _jsonable
+from .pinn_compare import compare_physics, physics_metrics
 
 # %% auto #0
 __all__ = ['TRAINERS', 'RECIPES', 'Recipe', 'get_recipe', 'list_recipes', 'train_physics', 'run_recipe']
@@ -98,9 +99,7 @@ def train_physics(data, # a simulated Task I folder (manifest.json + truth), wit
     res = compare_physics(train, valid, kinds=(kind,), backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr, wd=wd,
                           seed=seed, device=device, w_max=w_max, k=k, e0=e0, truth_weight=truth_weight, model_kw=model_kw,
                           n_boot=100, progress=progress)
-    rows = {n: {c: float(v) for c, v in row.items()} for n, row in res["table"].to_dict("index").items()}
-    m = {"kind": kind, "backbone": backbone, "auc_macro": rows[kind]["auc_macro"], "baseline_auc_macro": rows["plain"]["auc_macro"],
-         "models": rows, "config": res["config"]}
+    m = {"kind": kind, "backbone": backbone, **physics_metrics(res), "config": _jsonable(res["config"])}
     Path(out).mkdir(parents=True, exist_ok=True); atomic_write_text(Path(out) / "metrics.json", json.dumps(m, indent=2) + "\n")
     return m
 

@@ -257,3 +257,14 @@ def test_evaluate_samples_metrics_json(trained, lenses, lens_extractor, tmp_path
     torch.testing.assert_close(load_samples(tmp_path), s)
     png = save_grid(s, tmp_path / "grid.png")
     assert png.stat().st_size > 0
+
+
+def test_diffusion_subset_follows_the_folders_rule():
+    "`subset` of tensor images means what it means for folders: a fraction in (0, 1] or a number, stratified by label."
+    from deeplense_nb.diffusion.train import diffusion_loaders
+    from deeplense_nb.data import DataError
+    x, y = torch.rand(40, 1, 8, 8), torch.arange(40) % 2
+    n = lambda **kw: len(diffusion_loaders((x, y), batch_size=4, **kw)[0].dataset)
+    assert (n(subset=1.0), n(subset=0.5), n(subset=10)) == (40, 20, 10)
+    assert n(subset=10, val_frac=0.25) == 10
+    with pytest.raises(DataError, match="subset=0"): n(subset=0)

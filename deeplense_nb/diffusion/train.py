@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 from ..core import DeepLenseError, atomic_write_text, check_choice, get_device, seed_everything
-from ..data import get_dataloaders
+from ..data import get_dataloaders, stratified_subset
 from ..training import Learner, SaveCheckpoint, HistoryLogger
 from ..callbacks import (EMA, ChannelsLast, CosineWarmup, GradientAccumulation, GradientClip, MixedPrecision,
                                   PlateauSchedule, TorchCompile)
@@ -71,8 +71,10 @@ def diffusion_loaders(data, # images `(N, C, H, W)` in [0, 1], `(images, labels)
     n_val = int(round(val_frac * len(x)))
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(int(seed)))
     sub = lambda idx: (x[idx], y[idx] if y is not None else None)
-    if subset is not None: perm = perm[:n_val + max(1, int(subset if subset >= 1 else round(subset * (len(x) - n_val))))]
-    train_dl = _tensor_loader(*sub(perm[n_val:]), batch_size=batch_size, seed=seed)
+    tr = perm[n_val:]
+    if subset is not None:   # the same rule as folders: a stratified fraction (or number) of the training images
+        tr = tr[stratified_subset(y[tr].numpy() if y is not None else np.zeros(len(tr)), subset, seed=seed)]
+    train_dl = _tensor_loader(*sub(tr), batch_size=batch_size, seed=seed)
     valid_dl = _tensor_loader(*sub(perm[:n_val]), batch_size=batch_size, seed=seed, shuffle=False) if n_val else None
     classes = [str(i) for i in range(int(y.max()) + 1)] if y is not None else []
     return train_dl, valid_dl, classes
