@@ -18,7 +18,8 @@ __all__ = ['C_KM_S', 'G_OVER_C2_MPC_MSUN', 'ARCSEC_PER_RAD', 'FWHM_PER_SIGMA', '
            'pixel_grid', 'alpha_sis', 'alpha_sie', 'alpha_shear', 'ellipticity_to_q_phi', 'q_phi_to_ellipticity',
            'alpha_point_masses', 'vortex_positions', 'alpha_vortex', 'lens_equation', 'convergence_sie',
            'convergence_from_alpha', 'magnification', 'sersic_bn', 'sersic', 'gaussian_psf', 'convolve',
-           'poisson_noise', 'gaussian_noise', 'gaussian_taps', 'psf_blur', 'alpha_sie_shear', 'smooth_lens_image']
+           'poisson_noise', 'gaussian_noise', 'psf_radius', 'gaussian_taps', 'psf_blur', 'alpha_sie_shear',
+           'smooth_lens_image']
 
 # %% ../nbs/01_physics.ipynb #49b65118
 C_KM_S = 299792.458            # speed of light, km/s
@@ -257,6 +258,12 @@ def gaussian_noise(img: Tensor, sigma, *, generator: torch.Generator | None = No
 # %% ../nbs/01_physics.ipynb #68742cdc
 FWHM_PER_SIGMA = 2 * math.sqrt(2 * math.log(2))  # a Gaussian's FWHM in units of its sigma
 
+def psf_radius(fwhm: float, # the widest PSF's FWHM, arcsec
+               pixel_scale: float, # arcsec per pixel
+              ) -> int:
+    "Half-width (pixels) of a Gaussian PSF kernel reaching 4 sigma, at least 1."
+    return max(1, math.ceil(4 * (fwhm / FWHM_PER_SIGMA / pixel_scale)))
+
 def gaussian_taps(fwhm, # (...,) FWHM of each PSF, arcsec (a tensor keeps the gradient)
                   pixel_scale: float, # arcsec per pixel
                   *, radius: int, # half-width of the kernel, pixels
@@ -275,9 +282,10 @@ def psf_blur(img: Tensor, # (..., H, W) images
             ) -> Tensor:
     "Blur each image with its own Gaussian PSF: two 1-D passes, batched, differentiable in `fwhm` ('same' size, zero padding)."
     shape = img.shape; x = img.reshape(1, -1, *shape[-2:]); B = x.shape[1]
+    if radius is None and isinstance(fwhm, (int, float)): radius = psf_radius(fwhm, pixel_scale)  # a number: no device read
     fwhm = _as_tensor(fwhm, img).reshape(-1)
     if fwhm.numel() not in (1, B): raise ValueError(f"psf_blur: {fwhm.numel()} FWHMs for {B} images")
-    if radius is None: radius = max(1, math.ceil(4 * (float(fwhm.max()) / FWHM_PER_SIGMA / pixel_scale)))
+    if radius is None: radius = psf_radius(float(fwhm.max()), pixel_scale)
     k = gaussian_taps(fwhm, pixel_scale, radius=radius).expand(B, -1)
     x = F.conv2d(x, k[:, None, None, :], padding=(0, radius), groups=B)    # along x
     x = F.conv2d(x, k[:, None, :, None], padding=(radius, 0), groups=B)    # along y

@@ -7,18 +7,19 @@ Docs: https://ml4sci.github.io/deeplense_nb/simbatch.html.md"""
 # %% ../nbs/01a_simbatch.ipynb #77b92131
 from __future__ import annotations
 import hashlib, math
+from functools import lru_cache
 from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
 from .core import CLASSES_T1, Config, DeepLenseError, get_device
-from .physics import (FWHM_PER_SIGMA, alpha_sie_shear, lens_equation, pixel_grid, psf_blur, sersic,
-                                  smooth_lens_image, theta_E_point_mass, vortex_positions)
+from .physics import (psf_radius, alpha_sie_shear, lens_equation, pixel_grid, psf_blur, sersic,
+                                  smooth_lens_image, theta_E_halo, vortex_positions)
 
 # %% auto #0
 __all__ = ['PRESETS', 'SimPreset', 'get_preset', 'LensFindingPreset', 'mix64', 'stream_key', 'image_keys', 'uniforms',
-           'poisson_counts', 'sample_truth_batch', 'alpha_point_masses_blocked', 'render_batch', 'resolve_preset',
-           'simulate_images', 'sample_lens_finding_batch', 'render_lens_finding_batch']
+           'poisson_counts', 'sample_truth_batch', 'alpha_point_masses_blocked', 'minmax', 'render_batch',
+           'resolve_preset', 'simulate_images', 'sample_lens_finding_batch', 'render_lens_finding_batch']
 
 # %% ../nbs/01a_simbatch.ipynb #cf27676a
 @dataclass
@@ -186,9 +187,10 @@ _DRAWS = {k: i for i, k in enumerate(("halo_mass", "theta_E", "q", "phi", "shear
                                       "src_R_e", "src_n", "src_q", "src_phi", "peak_counts", "vort_log_ma", "vort_angle"))}
 _SUB_DRAWS = 1000   # subhalo j: draws 1000 + 3j (mass), + 1 (radius), + 2 (angle)
 
-def _theta_E_unit(p: SimPreset, mass: float | Tensor) -> Tensor:
-    "Point-mass Einstein radius (arcsec, float64) in DeepLenseSim's distance convention."
-    return theta_E_point_mass(torch.as_tensor(mass, dtype=torch.float64), p.z_l, p.z_s, distances="deeplensesim")
+@lru_cache(maxsize=64)
+def _theta_E_pm(mass: float, z_l: float, z_s: float) -> float:
+    "Einstein radius (arcsec) of a point mass in DeepLenseSim's convention (`physics.theta_E_halo`), cached: distances are integrals."
+    return float(theta_E_halo(torch.tensor(mass, dtype=torch.float64), z_l, z_s))
 
 def _index_labels(p, index, labels) -> tuple[Tensor, Tensor]:
     "Host int64 index and labels (default: cycle through the classes), checked."
@@ -214,7 +216,7 @@ def sample_truth_batch(preset: str | SimPreset = "model_i",
     u = uniforms(key[:, None], torch.arange(len(_DRAWS)))
     d = lambda name: u[:, _DRAWS[name]]
     t = dict(halo_mass=_loguni(d("halo_mass"), p.halo_mass))
-    t["theta_E"] = _theta_E_unit(p, t["halo_mass"]) * _uni(d("theta_E"), p.theta_E_scatter)
+    t["theta_E"] = _theta_E_pm(1.0, p.z_l, p.z_s) * t["halo_mass"].sqrt() * _uni(d("theta_E"), p.theta_E_scatter)
     for k, rng in (("q", p.lens_q), ("phi", p.lens_phi), ("src_R_e", p.src_R_e), ("src_n", p.src_n), ("src_q", p.src_q),
                    ("src_phi", p.src_phi), ("peak_counts", p.peak_counts)): t[k] = _uni(d(k), rng)
     for k, half in (("x0", p.lens_center), ("y0", p.lens_center), ("src_x", p.src_center), ("src_y", p.src_center)):
@@ -264,12 +266,12 @@ def _substructure(t: dict, p: SimPreset, x: Tensor, y: Tensor) -> tuple[Tensor, 
         if not len(sel): continue
         idx = sel.to(x.device)
         if cls == "sphere":
-            te = _theta_E_unit(p, 1.0).item() * t["sub_mass"][idx].sqrt()
+            te = _theta_E_pm(1.0, p.z_l, p.z_s) * t["sub_mass"][idx].sqrt()
             xs, ys = t["sub_x"][idx], t["sub_y"][idx]
         else:
             xs, ys = vortex_positions(t["vort_length"][idx], t["vort_angle"][idx], n=p.vort_n,
                                       x0=t["x0"][idx, None], y0=t["y0"][idx, None])
-            te = torch.full_like(xs, _theta_E_unit(p, p.vort_mass / p.vort_n).item())
+            te = torch.full_like(xs, _theta_E_pm(p.vort_mass / p.vort_n, p.z_l, p.z_s))
         bx, by = alpha_point_masses_blocked(x, y, te, xs, ys, s=p.softening)
         ax.index_copy_(0, idx, bx); ay.index_copy_(0, idx, by)
     return ax, ay
@@ -282,9 +284,10 @@ def _noise_uniforms(key: Tensor, shape: tuple) -> Tensor:
     k = torch.cat([_srl(bits, 41), (bits >> 9) & ((1 << 23) - 1)], dim=1)[:, :n]
     return ((k.float() + 0.5) * 2.0 ** -23).view(-1, *shape)
 
-def _minmax(img: Tensor) -> Tensor:
-    "Per-image (per-channel) min-max to [0, 1] over the last two dims, without a host sync."
+def minmax(img: Tensor, *, check: bool = True) -> Tensor:
+    "Per-image min-max to [0, 1] over the last two dims (channels separately), as the real files are scaled; `check` refuses a constant image (one host read), unchecked it maps to 0."
     lo, hi = img.amin(dim=(-2, -1), keepdim=True), img.amax(dim=(-2, -1), keepdim=True)
+    if check and bool((hi <= lo).any()): raise DeepLenseError("min-max scaling of a constant image (would give NaN)")
     return (img - lo) / (hi - lo).clamp(min=torch.finfo(img.dtype).tiny)
 
 # %% ../nbs/01a_simbatch.ipynb #d6852726
@@ -305,13 +308,12 @@ def render_batch(truth: dict, # from `sample_truth_batch`
     img = smooth_lens_image(x, y, theta_E=c("theta_E"), q=c("q"), phi=c("phi"), x0=c("x0"), y0=c("y0"),
                             gamma1=c("gamma1"), gamma2=c("gamma2"), src_x=c("src_x"), src_y=c("src_y"), src_R_e=c("src_R_e"),
                             src_n=c("src_n"), src_q=c("src_q"), src_phi=c("src_phi"), psf_fwhm=p.psf_fwhm,
-                            pixel_scale=p.pixel_scale, alpha=_substructure(t, p, x, y),
-                            psf_radius=max(1, math.ceil(4 * p.psf_fwhm / FWHM_PER_SIGMA / p.pixel_scale)))  # no device read
+                            pixel_scale=p.pixel_scale, alpha=_substructure(t, p, x, y))  # a number: psf_blur reads nothing from the device
     img = (img / img.amax(dim=(-2, -1), keepdim=True) * c("peak_counts") + p.sky_counts).unsqueeze(1)
     if noise:
         img = poisson_counts(img, _noise_uniforms(t["key"], img.shape[1:]))
         if p.read_noise: img = img + p.read_noise * _normal(_noise_uniforms(mix64(t["key"]), img.shape[1:])).to(dtype)
-    return _minmax(img) if normalize else img
+    return minmax(img, check=False) if normalize else img   # no host read in the hot path
 
 # %% ../nbs/01a_simbatch.ipynb #a9a16609
 def _as_index(n_or_index) -> Tensor:
@@ -441,7 +443,7 @@ def render_lens_finding_batch(truth: dict, # from `sample_lens_finding_batch`
     if len(sel):
         idx = sel.to(dev)
         img.index_add_(0, idx, _arcs({k: v[idx] for k, v in t.items() if k not in ("label", "index")}, p, x, y, light[idx, 0]))
-    radius = max(1, math.ceil(4 * max(p.psf_fwhm) / FWHM_PER_SIGMA / p.pixel_scale))
+    radius = psf_radius(max(p.psf_fwhm), p.pixel_scale)   # the widest PSF of the preset, known on the host
     img = psf_blur(img, t["psf_fwhm"].to(dtype).repeat_interleave(3), p.pixel_scale, radius=radius)
     if noise: img = img + t["noise_sigma"].to(dtype).view(-1, 1, 1, 1) * _normal(_noise_uniforms(t["key"], img.shape[1:])).to(dtype)
-    return _minmax(img) if normalize else img
+    return minmax(img, check=False) if normalize else img   # no host read in the hot path

@@ -8,7 +8,6 @@ Docs: https://ml4sci.github.io/deeplense_nb/simulate.html.md"""
 from __future__ import annotations
 import fcntl, hashlib, json, math, os, shutil, time
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -16,16 +15,16 @@ import torch
 from tqdm.auto import tqdm
 from .core import CLASSES_T1, Config, DeepLenseError, atomic_write_text, check_choice, get_device
 from .physics import (pixel_grid, alpha_sie_shear, alpha_point_masses, vortex_positions, lens_equation,
-                                  sersic, gaussian_psf, convolve, smooth_lens_image, theta_E_point_mass)
+                                  sersic, gaussian_psf, convolve, smooth_lens_image)
 from .simbatch import (PRESETS, LensFindingPreset, SimPreset, get_preset, render_batch, render_lens_finding_batch,
-                                   sample_lens_finding_batch, sample_truth_batch, _CENTRES)
-_all_ = ["PRESETS", "SimPreset", "get_preset", "LensFindingPreset"]  # the presets, re-exported from simbatch
+                                   sample_lens_finding_batch, sample_truth_batch, minmax, _CENTRES, _theta_E_pm)
+_all_ = ["PRESETS", "SimPreset", "get_preset", "LensFindingPreset", "minmax"]  # re-exported from simbatch
 
 # %% auto #0
-__all__ = ['MANIFEST', 'TRUTH', 'ENGINES', 'image_rng', 'sample_truth', 'render', 'minmax', 'simulate_batch',
-           'sample_lens_finding', 'render_lens_finding', 'task1_counts', 'task1_batches', 'simulate_task1',
-           'lens_finding_batches', 'lens_finding_counts', 'simulate_lens_finding', 'simulate_diffusion', 'load_truth',
-           'count_scale', 'image_stats', 'compare_stats', 'PRESETS', 'SimPreset', 'get_preset', 'LensFindingPreset']
+__all__ = ['MANIFEST', 'TRUTH', 'ENGINES', 'image_rng', 'sample_truth', 'render', 'simulate_batch', 'sample_lens_finding',
+           'render_lens_finding', 'task1_counts', 'task1_batches', 'simulate_task1', 'lens_finding_batches',
+           'lens_finding_counts', 'simulate_lens_finding', 'simulate_diffusion', 'load_truth', 'count_scale',
+           'image_stats', 'compare_stats', 'PRESETS', 'SimPreset', 'get_preset', 'LensFindingPreset', 'minmax']
 
 # %% ../nbs/02_simulate.ipynb #26a4c662
 def image_rng(seed: int, *keys) -> np.random.Generator:
@@ -43,11 +42,6 @@ def _powerlaw(rng, n, lo, hi, slope):
     a = slope + 1; u = rng.uniform(size=n)
     if abs(a) < 1e-9: return np.exp(np.log(lo) + u * (np.log(hi) - np.log(lo)))
     return (lo**a + u * (hi**a - lo**a)) ** (1 / a)
-
-@lru_cache(maxsize=64)
-def _theta_E_pm(mass: float, z_l: float, z_s: float) -> float:
-    "Einstein radius (arcsec) of a point mass in DeepLenseSim's convention, cached (distances are integrals)."
-    return float(theta_E_point_mass(torch.tensor(mass, dtype=torch.float64), z_l, z_s, distances="deeplensesim"))
 
 # %% ../nbs/02_simulate.ipynb #ab68c7f6
 def sample_truth(p: SimPreset, cls: str, rng: np.random.Generator) -> dict:
@@ -139,12 +133,6 @@ def render(truth: list[dict], p: SimPreset, *, device="cpu", dtype=torch.float32
 # %% ../nbs/02_simulate.ipynb #afb7be27
 def _noise_seed(t: dict) -> int:
     return int(hashlib.sha1(json.dumps(t, sort_keys=True, default=float).encode()).hexdigest()[:15], 16)
-
-def minmax(img: torch.Tensor) -> torch.Tensor:
-    "Per-image min-max to [0, 1] over the last two dims (channels separately), as the real files are scaled."
-    lo = img.amin(dim=(-2, -1), keepdim=True); hi = img.amax(dim=(-2, -1), keepdim=True)
-    if bool((hi <= lo).any()): raise DeepLenseError("min-max scaling of a constant image (would give NaN)")
-    return (img - lo) / (hi - lo)
 
 # %% ../nbs/02_simulate.ipynb #bbcc5a04
 def simulate_batch(n: int, *, preset: str | SimPreset = "model_i", labels=None, # class indices (default: cycle)
@@ -290,14 +278,15 @@ ENGINES = ("batched", "per-image")
 
 def _rows(t: dict, keys: tuple, p, lf: bool = False) -> list[dict]:
     "Per-image truth dicts (JSON-ready) from a batch of `simbatch` truth, with the keys of the per-image samplers."
-    cols = {k: t[k].cpu().tolist() for k in keys}
+    extra = () if lf else ("sub_mass", "sub_x", "sub_y", "vort_log_ma", "vort_length", "vort_angle")
+    cols = {k: t[k].cpu().tolist() for k in (*keys, "index", *extra)}   # one copy per column, not one per image
     rows = []
     for i, lab in enumerate(t["label"].tolist()):
-        r = dict(label=p.classes[lab], index=int(t["index"][i]), **{k: cols[k][i] for k in keys})
-        if not lf and r["label"] == "sphere": r.update({k: t[k][i].cpu().tolist() for k in ("sub_mass", "sub_x", "sub_y")})
+        r = dict(label=p.classes[lab], index=int(cols["index"][i]), **{k: cols[k][i] for k in keys})
+        if not lf and r["label"] == "sphere": r.update({k: cols[k][i] for k in ("sub_mass", "sub_x", "sub_y")})
         if not lf and r["label"] == "vort":
-            r.update(vort_log_ma=float(t["vort_log_ma"][i]), vort_length=float(t["vort_length"][i]),
-                     vort_angle=float(t["vort_angle"][i]), vort_mass=p.vort_mass)
+            r.update(vort_log_ma=float(cols["vort_log_ma"][i]), vort_length=float(cols["vort_length"][i]),
+                     vort_angle=float(cols["vort_angle"][i]), vort_mass=p.vort_mass)
         rows.append(r)
     return rows
 
