@@ -147,13 +147,32 @@ def q_phi_to_ellipticity(q, phi) -> tuple[Tensor, Tensor]:
     c = (1 - q) / (1 + q)
     return c * torch.cos(2 * phi), c * torch.sin(2 * phi)
 
+# %% ../nbs/01_physics.ipynb #98e34691
+def _point_masses_blocked(x: Tensor, y: Tensor, theta_E: Tensor, xs: Tensor, ys: Tensor, s: float, block: int | None):
+    "No-gradient path of `alpha_point_masses` for one `(H, W)` grid and `(B, N)` masses: images in cache-sized blocks on a CPU (all at once on a GPU)."
+    (B, N), (H, W) = theta_E.shape, x.shape
+    X, Y = x.reshape(1, -1), y.reshape(1, -1)
+    te2, xs, ys = (theta_E * theta_E).to(x), xs.to(x), ys.to(x)
+    ax, ay = x.new_zeros(B, H * W), x.new_zeros(B, H * W)
+    step = block or (B if x.device.type != "cpu" else max(1, (1 << 15) // (H * W)))
+    for b in range(0, B, step):
+        bx, by, t2, xi, yi = ax[b:b + step], ay[b:b + step], te2[b:b + step], xs[b:b + step], ys[b:b + step]
+        for i in range(N):
+            dx, dy = X - xi[:, i:i + 1], Y - yi[:, i:i + 1]
+            w = torch.addcmul(dy * dy + s * s, dx, dx).reciprocal_().mul_(t2[:, i:i + 1])
+            bx.addcmul_(w, dx); by.addcmul_(w, dy)
+    return ax.view(B, H, W), ay.view(B, H, W)
+
 # %% ../nbs/01_physics.ipynb #676f0be0
 def alpha_point_masses(x: Tensor, y: Tensor, *, theta_E: Tensor, # (..., N) Einstein radii of the N masses, arcsec
                        xs: Tensor, ys: Tensor, # (..., N) positions of the masses, arcsec
                        s: float = 1e-3, # softening, arcsec
+                       block: int | None = None, # no-gradient `(B, N)` masses on one `(H, W)` grid: images per block (None: by device)
                       ) -> tuple[Tensor, Tensor]:
     "Total deflection of N point masses, accumulated mass by mass (memory-lean), arcsec. Parameters `(B, N)` apply to a grid `(H, W)` or `(B, H, W)`."
     theta_E, xs, ys = _as_tensor(theta_E, x), _as_tensor(xs, x), _as_tensor(ys, x)
+    if not torch.is_grad_enabled() and x.dim() == 2 and theta_E.dim() == 2:   # the simulators' case: cache-blocked
+        return _point_masses_blocked(x, y, theta_E, xs, ys, s, block)
     bs = theta_E.shape[:-1]   # batch dims of the lenses; the grid either carries them in front or is shared
     extra = x.dim() - len(bs) if tuple(x.shape[:len(bs)]) == tuple(bs) else x.dim()
     shape = bs + (1,) * extra

@@ -14,12 +14,12 @@ import torch
 from torch import Tensor
 from .core import CLASSES_T1, Config, DeepLenseError, get_device
 from .physics import (psf_radius, alpha_sie_shear, lens_equation, pixel_grid, psf_blur, sersic,
-                                  smooth_lens_image, theta_E_halo, vortex_positions)
+                                  smooth_lens_image, theta_E_halo, vortex_positions, alpha_point_masses)
 
 # %% auto #0
 __all__ = ['PRESETS', 'SimPreset', 'get_preset', 'LensFindingPreset', 'mix64', 'stream_key', 'image_keys', 'uniforms',
-           'poisson_counts', 'sample_truth_batch', 'alpha_point_masses_blocked', 'minmax', 'render_batch',
-           'resolve_preset', 'simulate_images', 'sample_lens_finding_batch', 'render_lens_finding_batch']
+           'poisson_counts', 'sample_truth_batch', 'minmax', 'render_batch', 'resolve_preset', 'simulate_images',
+           'sample_lens_finding_batch', 'render_lens_finding_batch']
 
 # %% ../nbs/01a_simbatch.ipynb #cf27676a
 @dataclass
@@ -232,30 +232,6 @@ def sample_truth_batch(preset: str | SimPreset = "model_i",
     dev = get_device(device) if device is not None else torch.device("cpu")
     return {"label": labels, "index": index, "key": key.to(dev), **{k: v.to(dev) for k, v in t.items()}}
 
-# %% ../nbs/01a_simbatch.ipynb #72f7de78
-def _block(dev: torch.device, npix: int, n: int) -> int:
-    "Images per block of the point-mass loop: the whole group on a GPU, a cache-sized block on a CPU."
-    return n if dev.type != "cpu" else max(1, (1 << 15) // (npix * npix))
-
-def alpha_point_masses_blocked(x: Tensor, y: Tensor, # (H, W) pixel coordinates, arcsec
-                               theta_E: Tensor, xs: Tensor, ys: Tensor, # (B, N) Einstein radii and positions, arcsec
-                               *, s: float, # softening, arcsec
-                               block: int | None = None, # images per block (default: by device, see `_block`)
-                              ) -> tuple[Tensor, Tensor]:
-    "Deflection `(B, H, W)` x 2 of N softened point masses per image, accumulated mass by mass in cache-sized blocks."
-    B, N = theta_E.shape; H, W = x.shape
-    X, Y = x.reshape(1, -1), y.reshape(1, -1)
-    te2, xs, ys = (theta_E * theta_E).to(x), xs.to(x), ys.to(x)
-    ax, ay = x.new_zeros(B, H * W), x.new_zeros(B, H * W)
-    step = block or _block(x.device, H, B)
-    for b in range(0, B, step):
-        bx, by, t2, xi, yi = ax[b:b + step], ay[b:b + step], te2[b:b + step], xs[b:b + step], ys[b:b + step]
-        for i in range(N):
-            dx, dy = X - xi[:, i:i + 1], Y - yi[:, i:i + 1]
-            w = torch.addcmul(dy * dy + s * s, dx, dx).reciprocal_().mul_(t2[:, i:i + 1])
-            bx.addcmul_(w, dx); by.addcmul_(w, dy)
-    return ax.view(B, H, W), ay.view(B, H, W)
-
 # %% ../nbs/01a_simbatch.ipynb #6268b5d7
 def _substructure(t: dict, p: SimPreset, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     "Deflection of every image's subhalos (`sphere`) or vortex (`vort`); zero for `no`. Groups chosen on the host."
@@ -272,7 +248,7 @@ def _substructure(t: dict, p: SimPreset, x: Tensor, y: Tensor) -> tuple[Tensor, 
             xs, ys = vortex_positions(t["vort_length"][idx], t["vort_angle"][idx], n=p.vort_n,
                                       x0=t["x0"][idx, None], y0=t["y0"][idx, None])
             te = torch.full_like(xs, _theta_E_pm(p.vort_mass / p.vort_n, p.z_l, p.z_s))
-        bx, by = alpha_point_masses_blocked(x, y, te, xs, ys, s=p.softening)
+        bx, by = alpha_point_masses(x, y, theta_E=te, xs=xs, ys=ys, s=p.softening)  # no grad: physics' cache-blocked path
         ax.index_copy_(0, idx, bx); ay.index_copy_(0, idx, by)
     return ax, ay
 
