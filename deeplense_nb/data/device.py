@@ -19,15 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from ..core import check_choice, get_device
 from .files import DataError
 from .folders import _Images
+from .transforms import _warp, d4_batch, d4_index
 
 # %% auto #0
-__all__ = ['DEVICE_DATA', 'device_nbytes', 'free_memory', 'use_device_data', 'DeviceData', 'DeviceLoader', 'd4_index', 'd4_batch',
-           'DeviceAugment']
+__all__ = ['DEVICE_DATA', 'device_nbytes', 'free_memory', 'use_device_data', 'DeviceData', 'DeviceLoader', 'DeviceAugment']
 
 # %% ../../nbs/034a_data.device.ipynb #8d8b0838
 DEVICE_DATA = ("auto", "on", "off")
@@ -147,24 +146,6 @@ class DeviceLoader:
     def __repr__(self):
         return f"DeviceLoader({len(self.data)} items, batch_size={self.batch_size}, {len(self)} batches, device={self.device})"
 
-# %% ../../nbs/034a_data.device.ipynb #0ebb4b35
-def d4_index(size: int, device: str | torch.device = "cpu") -> torch.Tensor:
-    "(8, size*size) source positions of every D4 element `g` (the numbering of `d4`) for a square image."
-    grid = torch.arange(size * size, device=device).view(size, size)
-    from_d4 = lambda g: torch.rot90(grid, g % 4, dims=(0, 1)).flip(-1) if g >= 4 else torch.rot90(grid, g % 4, dims=(0, 1))
-    return torch.stack([from_d4(g).reshape(-1) for g in range(8)])
-
-def d4_batch(x: torch.Tensor, # batch (B, C, H, H)
-             g: torch.Tensor, # (B,) element 0-7 per image
-             index: torch.Tensor | None = None, # `d4_index(H)` on x's device (computed when not given)
-            ) -> torch.Tensor:
-    "Element `g[i]` of D4 applied to image `i` of `x`, in one gather."
-    B, C, H, W = x.shape
-    if H != W: raise DataError(f"d4_batch needs square images, got {(H, W)}")
-    index = d4_index(H, x.device) if index is None else index
-    src = index[g.to(x.device)][:, None, :].expand(B, C, H * W)
-    return x.reshape(B, C, H * W).gather(2, src).view(B, C, H, W)
-
 # %% ../../nbs/034a_data.device.ipynb #49e7cecc
 class DeviceAugment(nn.Module):
     "Random D4 element per image (exact) and an optional small rotation/shift, drawn and applied on the batch's device."
@@ -190,8 +171,7 @@ class DeviceAugment(nn.Module):
         a, tx, ty = u() * self.rotate * math.pi / 180, u() * self.translate * 2, u() * self.translate * 2
         on = torch.rand(B, device=dev, generator=g) < self.p_affine
         theta = torch.stack([torch.stack([a.cos(), -a.sin(), tx], 1), torch.stack([a.sin(), a.cos(), ty], 1)], 1)
-        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-        return torch.where(on[:, None, None, None], F.grid_sample(x, grid, mode="bilinear", align_corners=False), x)
+        return torch.where(on[:, None, None, None], _warp(x, theta, "zeros"), x)   # RandomAffine's warp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self._gen(x.device)

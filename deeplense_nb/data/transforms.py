@@ -24,8 +24,9 @@ from .files import DataError
 
 # %% auto #0
 __all__ = ['AUGMENTS', 'minmax_scale', 'dataset_stats', 'Normalize', 'log_stretch', 'LogStretch', 'd4', 'd4_transforms',
-           'RandomBatchTransform', 'RandomD4', 'RandomFlip', 'RandomRot90', 'RandomAffine', 'RandomResizedCrop',
-           'ColorJitter', 'GaussianBlur', 'GaussianNoise', 'default_augment', 'augment_from_spec', 'MixUp', 'CutMix']
+           'd4_index', 'd4_batch', 'RandomBatchTransform', 'RandomD4', 'RandomFlip', 'RandomRot90', 'RandomAffine',
+           'RandomResizedCrop', 'ColorJitter', 'GaussianBlur', 'GaussianNoise', 'default_augment', 'augment_from_spec',
+           'MixUp', 'CutMix']
 
 # %% ../../nbs/034_data.transforms.ipynb #3fbb7c64
 def minmax_scale(x: np.ndarray | torch.Tensor, # image (C, H, W) / (H, W) or batch (B, C, H, W)
@@ -97,6 +98,23 @@ def d4_transforms(x: torch.Tensor, # image (C, H, W) or batch (B, C, H, W), squa
     "The 8 dihedral versions of `x` (identity first), for test-time augmentation."
     return [d4(x, g) for g in range(8)]
 
+# %% ../../nbs/034_data.transforms.ipynb #0ebb4b35
+def d4_index(size: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    "(8, size*size) source positions of every D4 element `g` (the numbering of `d4`) for a square image."
+    grid = torch.arange(size * size, device=device).view(size, size)
+    return torch.stack([d4(grid, g).reshape(-1) for g in range(8)])
+
+def d4_batch(x: torch.Tensor, # batch (B, C, H, H)
+             g: torch.Tensor, # (B,) element 0-7 per image
+             index: torch.Tensor | None = None, # `d4_index(H)` on x's device (computed when not given)
+            ) -> torch.Tensor:
+    "Element `g[i]` of D4 applied to image `i` of `x`, in one gather."
+    B, C, H, W = x.shape
+    if H != W: raise DataError(f"d4_batch needs square images, got {(H, W)}")
+    index = d4_index(H, x.device) if index is None else index
+    src = index[g.to(x.device)][:, None, :].expand(B, C, H * W)
+    return x.reshape(B, C, H * W).gather(2, src).view(B, C, H, W)
+
 # %% ../../nbs/034_data.transforms.ipynb #24e5d336
 def _pair(v, name: str) -> tuple[float, float]:
     lo, hi = (v, v) if isinstance(v, (int, float)) else tuple(v)
@@ -136,14 +154,13 @@ class RandomBatchTransform(nn.Module):
 # %% ../../nbs/034_data.transforms.ipynb #bcb2ad92
 class RandomD4(RandomBatchTransform):
     "A random element of the dihedral group D4 per image (exact: no interpolation)."
+    _index = None   # `d4_index` of the last batch's size and device
     def apply(self, x):
         if x.shape[-1] != x.shape[-2]: raise DataError(f"RandomD4 needs square images, got {tuple(x.shape[-2:])}")
         g = torch.randint(0, 8, (len(x),), generator=self.generator)
-        out = torch.empty_like(x)
-        for k in g.unique().tolist():
-            m = torch.nonzero(g == k).squeeze(1).to(x.device)
-            out[m] = d4(x[m], k)
-        return out
+        if self._index is None or self._index.device != x.device or self._index.shape[1] != x.shape[-1] ** 2:
+            self._index = d4_index(x.shape[-1], x.device)   # kept: built once per image size and device
+        return d4_batch(x, g, self._index)                  # one gather for the whole batch
 
 # %% ../../nbs/034_data.transforms.ipynb #6cad90e2
 class RandomFlip(RandomBatchTransform):
