@@ -16,12 +16,11 @@ import torch
 from .core import DeepLenseError, amp_dtype, atomic_write, atomic_write_text, get_device
 from .checkpoint import save_checkpoint, load_model
 from .data import BadFileError, natural_key, read_npy
-from .models import MissingDependencyError, WeightsError, create_model, read_state_dict, _match_weights, _fmt, _WRAPPER_KEYS
+from .models import MissingDependencyError, WeightsError, create_model, read_state_dict, _match_weights, _fmt
 from .evaluation import load_models, _batch_probs, _meta_classes
 
 # %% auto #0
-__all__ = ['DeployError', 'read_weights', 'hf_convnextv2_to_timm', 'ImportReport', 'import_weights', 'export_onnx', 'find_npy',
-           'predict_files']
+__all__ = ['DeployError', 'hf_convnextv2_to_timm', 'ImportReport', 'import_weights', 'export_onnx', 'find_npy', 'predict_files']
 
 # %% ../nbs/07a_deploy.ipynb #3667b97f
 class DeployError(DeepLenseError):
@@ -32,30 +31,6 @@ def _new_file(out: str | Path, overwrite: bool) -> Path:
     out = Path(out)
     if out.exists() and not overwrite: raise DeployError(f"{out} exists; choose another --out or pass --overwrite.")
     return out
-
-# %% ../nbs/07a_deploy.ipynb #8a8fb0fd
-def _read_json_weights(p: Path) -> dict[str, torch.Tensor]:
-    try: obj = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise WeightsError(f"{p}: not a readable JSON weight file ({type(e).__name__}: {e}).") from None
-    for k in _WRAPPER_KEYS:
-        if isinstance(obj, dict) and isinstance(obj.get(k), dict): obj = obj[k]; break
-    if not isinstance(obj, dict) or not obj:
-        raise WeightsError(f"{p}: expected a JSON object of parameter name -> nested lists of numbers, found {type(obj).__name__}.")
-    sd = {}
-    for k, v in obj.items():
-        try: sd[str(k)] = torch.from_numpy(np.asarray(v, dtype=np.float32))
-        except (TypeError, ValueError):
-            raise WeightsError(f"{p}: entry {k!r} is not a rectangular (nested) list of numbers.") from None
-    return sd
-
-# %% ../nbs/07a_deploy.ipynb #d3831f19
-def read_weights(path: str | Path, # `.json` weight file, `.safetensors`, or a torch-saved `.pt`/`.pth` state dict (also wrapped)
-                ) -> dict[str, torch.Tensor]:
-    "A state dict from a weight file of any supported format, never unpickling code (a file that needs it is refused)."
-    p = Path(path).expanduser()
-    if p.suffix.lower() == ".json" and p.is_file(): return _read_json_weights(p)
-    return read_state_dict(p)
 
 # %% ../nbs/07a_deploy.ipynb #7ba67526
 _HF_BLOCK = {"dwconv": "conv_dw", "layernorm": "norm", "pwconv1": "mlp.fc1", "grn": "mlp.grn", "pwconv2": "mlp.fc2"}
@@ -165,13 +140,12 @@ def import_weights(src: str | Path, # weight file: .pt/.pth (plain or wrapped st
                   ) -> ImportReport:
     "Turn weights trained elsewhere into a deeplense checkpoint, with a key-by-key report; refuses partial matches."
     src, out = Path(src), _new_file(out, overwrite)
-    sd = read_weights(src)
+    sd = read_state_dict(src)
     in_chans, num_classes = _import_shapes(model, sd, settings, in_chans, num_classes, classes, src)
     net = create_model(model, in_chans=in_chans, num_classes=num_classes, **settings)
     how, (rep, ok, unexpected, bad, missing, _) = _best_match(net, sd)
     head = "missing" if rep.missing_head else ("of another shape" if any(k.startswith("head.") for k in rep.skipped) else "loaded")
-    shape_bad = {b.split(" ")[0] for b in bad}
-    report = ImportReport(str(src), net.name, how, rep.layout, list(ok), [k for k in missing if k not in shape_bad], unexpected,
+    report = ImportReport(str(src), net.name, how, rep.layout, list(ok), missing, unexpected,
                           bad + [k for k in rep.skipped if not k.startswith("head.")], rep.adapted, head)
     if not report.complete and not allow_partial:
         why = "no tensor matches" if not ok else "the weights do not fit"

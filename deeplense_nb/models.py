@@ -182,13 +182,31 @@ def adapt_input_conv(in_chans: int, # channels the adapted kernel should accept
 # %% ../nbs/04_models.ipynb #5eb1f65f
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "state")
 
+# %% ../nbs/04_models.ipynb #8a8fb0fd
+def _read_json_state_dict(p: Path) -> dict[str, torch.Tensor]:
+    "A JSON weight file: an object of parameter name -> nested lists of numbers (optionally wrapped like a torch checkpoint); no pickle at all."
+    try: obj = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise WeightsError(f"{p}: not a readable JSON weight file ({type(e).__name__}: {e}).") from None
+    for k in _WRAPPER_KEYS:
+        if isinstance(obj, dict) and isinstance(obj.get(k), dict): obj = obj[k]; break
+    if not isinstance(obj, dict) or not obj:
+        raise WeightsError(f"{p}: expected a JSON object of parameter name -> nested lists of numbers, found {type(obj).__name__}.")
+    sd = {}
+    for k, v in obj.items():
+        try: sd[str(k)] = torch.tensor(v, dtype=torch.float32)
+        except (TypeError, ValueError):
+            raise WeightsError(f"{p}: entry {k!r} is not a rectangular (nested) list of numbers.") from None
+    return sd
+
 # %% ../nbs/04_models.ipynb #29d41dfa
-def read_state_dict(path: str | Path, # `.safetensors`, a state dict saved with `torch.save` (`.pt`, `.pth`, ...), or a training `.ckpt`
+def read_state_dict(path: str | Path, # `.safetensors`, a state dict saved with `torch.save` (`.pt`, `.pth`, ...), a JSON weight file, or a training `.ckpt`
                    ) -> dict[str, torch.Tensor]:
     "Read a state dict from a file without executing pickled code (safetensors, or `torch.load(weights_only=True)`)."
     p = Path(path).expanduser()
     if not p.is_file():
         raise WeightsError(f"Weights file {str(p)!r} does not exist; pass the path of a .safetensors or .pt/.pth state dict.")
+    if p.suffix.lower() == ".json": return _read_json_state_dict(p)
     head = p.open("rb").read(16)
     is_safetensors = len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < p.stat().st_size
     if is_safetensors:
@@ -262,7 +280,7 @@ def _match_weights(model: DeepLenseNet, sd: dict, *, drop_head: bool = False) ->
     for lname, pairs in getattr(model, "key_maps", {}).items(): layouts[lname] = _remap(sd, pairs)
     layout = max(layouts, key=lambda n: sum(k in own for k in layouts[n]))  # first wins on ties
     first = f"{model.first_conv}.weight" if getattr(model, "first_conv", None) else None
-    rep, ok, unexpected, bad = LoadReport(layout), {}, [], []
+    rep, ok, unexpected, bad, shaped = LoadReport(layout), {}, [], [], set()
     for k, v in layouts[layout].items():
         if k not in own: unexpected.append(k); continue
         if k.startswith("head.") and drop_head: rep.skipped.append(k); continue
@@ -272,9 +290,9 @@ def _match_weights(model: DeepLenseNet, sd: dict, *, drop_head: bool = False) ->
                 v = adapt_input_conv(t.shape[1], v); rep.adapted.append(k)
             elif k.startswith("head.") or (k == first and v.ndim == 4 and v.shape[:2] == t.shape[:2]):
                 rep.skipped.append(k); continue
-            else: bad.append(f"{k} {tuple(v.shape)} vs {tuple(t.shape)}"); continue
+            else: bad.append(f"{k} {tuple(v.shape)} vs {tuple(t.shape)}"); shaped.add(k); continue
         ok[k] = v
-    missing = [k for k in own if k not in ok and k not in rep.skipped and not k.endswith("num_batches_tracked")]
+    missing = [k for k in own if k not in ok and k not in rep.skipped and k not in shaped and not k.endswith("num_batches_tracked")]  # a tensor of another shape is not also missing
     rep.missing_head = [k for k in missing if k.startswith("head.")]
     return rep, ok, unexpected, bad, [k for k in missing if not k.startswith("head.")], layouts[layout]
 

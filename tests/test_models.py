@@ -382,3 +382,21 @@ def test_model_aliases(cli):
     assert list_models("mobilenet_v3*") == ["mobilenetv3_large", "mobilenetv3_small"]
     r = cli("list-models", "--aliases")
     assert "mobilenet_v3_small -> mobilenetv3_small" in r.stdout.splitlines() and "d4_cnn -> p4m_cnn" in r.stdout
+
+
+def test_a_tensor_of_another_shape_is_not_also_missing():
+    "A tensor of another shape is reported once (as another shape), not a second time as missing from the file."
+    src = create_model("lensnet", in_chans=1, num_classes=3).state_dict()
+    k = [k for k, v in src.items() if v.ndim == 4 and not k.startswith("head")][-1]
+    src[k] = torch.zeros(*src[k].shape[:-1], src[k].shape[-1] + 2)
+    with pytest.raises(WeightsError, match="1 of another shape") as e: load_weights(create_model("lensnet", in_chans=1, num_classes=3), src)
+    assert "missing" not in str(e.value)
+
+
+def test_json_weight_files_read_like_any_state_dict(tmp_path):
+    "A JSON weight file (name -> nested lists, optionally wrapped) loads through `read_state_dict` and `load_weights`."
+    net = create_model("lensnet", in_chans=1, num_classes=3)
+    (tmp_path / "w.json").write_text(json.dumps({"model": {k: v.tolist() for k, v in net.state_dict().items()}}))
+    other = create_model("lensnet", in_chans=1, num_classes=3)
+    load_weights(other, tmp_path / "w.json")
+    assert all(torch.equal(a.float(), b.float()) for a, b in zip(net.state_dict().values(), other.state_dict().values()))
