@@ -18,8 +18,8 @@ import torch.nn as nn
 # %% auto #0
 __all__ = ['CLASSES_T1', 'AMP_CHOICES', 'DeepLenseError', 'ConfigError', 'check_choice', 'get_device', 'cpu_bf16_supported',
            'amp_dtype', 'seed_everything', 'Config', 'pid_alive', 'fsync_dir', 'atomic_write', 'atomic_write_text',
-           'add_config_arguments', 'read_config_file', 'config_from_args', 'env_info', 'find_rngs', 'rng_states',
-           'set_rng_states', 'get_rng_state', 'set_rng_state']
+           'add_config_arguments', 'read_config_file', 'given_settings', 'config_from_args', 'env_info', 'find_rngs',
+           'rng_states', 'set_rng_states', 'get_rng_state', 'set_rng_state']
 
 # %% ../nbs/00_core.ipynb #455d652c
 class DeepLenseError(Exception):
@@ -247,10 +247,13 @@ def read_config_file(path: str | Path) -> dict:
     if not isinstance(d, dict): raise ConfigError(f"config file {p} must hold an object of settings, not a {type(d).__name__}.")
     return d
 
+def given_settings(cls, ns: argparse.Namespace) -> dict:
+    "The fields of `cls` set on the command line (`add_config_arguments` leaves the flags not given out of the namespace)."
+    return {f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)}
+
 def config_from_args(cls, ns: argparse.Namespace, base: dict | None = None):
     "A `cls` from its defaults, then `base` (e.g. a config file's settings), then the flags given on the command line."
-    given = {f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)}
-    return cls.from_dict({**(base or {}), **given})
+    return cls.from_dict({**(base or {}), **given_settings(cls, ns)})
 
 # %% ../nbs/00_core.ipynb #ad3d0960
 def env_info(device: str = "auto") -> dict:

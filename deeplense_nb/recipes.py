@@ -6,11 +6,11 @@ Docs: https://ml4sci.github.io/deeplense_nb/recipes.html.md"""
 
 # %% ../nbs/09b_recipes.ipynb #13a37bd4
 from __future__ import annotations
-import argparse, dataclasses, inspect, json
+import argparse, inspect, json
 from dataclasses import dataclass, field
 from pathlib import Path
-from .core import DeepLenseError, atomic_write_text, read_config_file
-from .classify import TrainConfig, train_classifier, _cli_train as _cli_train_classifier
+from .core import DeepLenseError, atomic_write_text, given_settings, read_config_file
+from .classify import TrainConfig, train_classifier, _check_out, _cli_train as _cli_train_classifier
 from .diffusion.train import train_diffusion
 from .pinn import TruthDataset
 from .metrics import _jsonable
@@ -126,19 +126,17 @@ def run_recipe(name: str, # a name from `RECIPES`
     return fn(data, out=out, **kw)
 
 # %% ../nbs/09b_recipes.ipynb #bcdadf00
-def _given(a: argparse.Namespace) -> dict:
-    "The TrainConfig settings set on the command line (flags not given are absent from the namespace)."
-    return {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(a, f.name)}
-
 def _cli_train(p: argparse.ArgumentParser):
     p.add_argument("--recipe", metavar="NAME", default=None, help="start from a named recipe (see `deeplense recipes`); flags and --config override it")
     base = lambda a: dict(get_recipe(a.recipe).settings) if a.recipe else {}
-    run_classify = _cli_train_classifier(p, base=lambda a: base(a) if a.recipe is None or get_recipe(a.recipe).trainer == "classify" else {})
+    run_classify = _cli_train_classifier(p, base=base)   # used for classifier recipes only
     def run(a):
         if a.recipe is None or get_recipe(a.recipe).trainer == "classify": return run_classify(a)
-        kw = {**(read_config_file(a.config) if a.config else {}), **_given(a)}
+        kw = {**(read_config_file(a.config) if a.config else {}), **given_settings(TrainConfig, a)}
         data = kw.pop("data", None)
         if not data: raise DeepLenseError("--data is required (the training data), on the command line or in --config.")
+        _check_out(Path(a.out), resume=a.resume, overwrite=a.overwrite)   # a finished run is never silently replaced
+        if a.resume: kw["resume"] = True   # a trainer that cannot resume refuses the setting by name
         run_recipe(a.recipe, data, out=a.out, device=a.device, progress=not a.no_progress, **kw)
         print(f"deeplense train: recipe {a.recipe} finished; results in {a.out}")
         return 0

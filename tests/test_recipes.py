@@ -67,3 +67,11 @@ def test_every_setting_reachable(data, tmp_path):
                          progress=False, augment="flip,rot90,affine:deg=10", sched="plateau", plateau_patience=1,
                          plateau_factor=0.5, class_weights=[1.0, 2.0, 3.0], normalize="log")
     assert json.loads((tmp_path / "b" / "config.json").read_text())["augment"] == "flip,rot90,affine:deg=10"
+
+
+@pytest.mark.parametrize("name", ["ddpm-mse-ssim", "physics-twohead"])
+def test_recipe_never_replaces_a_finished_run(name, tmp_path, capsys):
+    "Diffusion and physics recipes refuse an --out that holds a run, like classifier runs (nothing is touched)."
+    out = tmp_path / "run"; out.mkdir(); (out / "metrics.json").write_text("{}")
+    assert main(["train", "--recipe", name, "--data", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err and (out / "metrics.json").read_text() == "{}"
