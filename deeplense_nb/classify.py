@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 import re
 import torch
-import torch.nn.functional as F
 from torch import nn
 from fastcore.basics import patch
 from .core import (Config, DeepLenseError, add_config_arguments, atomic_write_text, check_choice,
                                config_from_args, read_config_file, seed_everything)
 from .checkpoint import _jsonable, checkpoint_meta
 from .data import augment_from_spec, class_weights, get_dataloaders
+from .data.transforms import RESIZE_MODES, Resize as ResizeImages
 from .models import create_model
 from .losses import get_loss
 from .training import (Callback, HistoryLogger, Learner, SaveCheckpoint, StopOnNonFinite, accuracy, dist_env,
@@ -34,7 +34,7 @@ CHOICES = {"task": tuple(TASKS), "opt": ("adamw", "adam", "sgd"), "loss": ("ce",
            "sched": ("onecycle", "cosine", "step", "plateau", "none"), "amp": ("auto", "off", "bf16", "fp16"),
            "monitor": ("roc_auc", "accuracy", "valid_loss"), "on_error": ("raise", "skip"),
            "device_data": ("auto", "on", "off"), "normalize": (None, "standardize", "log"),
-           "resize_mode": ("bilinear", "bicubic", "area", "nearest")}
+           "resize_mode": RESIZE_MODES}
 
 # %% ../nbs/06b_classify.ipynb #904cd10e
 @dataclass
@@ -151,14 +151,11 @@ def _make_opt(name: str) -> Callable:
 
 # %% ../nbs/06b_classify.ipynb #c1adc0fc
 class Resize(Callback):
-    "Resize the images of every batch (training and validation) to `size` x `size` pixels."
+    "Resize the images of every batch (training and validation) with `data.transforms.Resize`; evaluation rebuilds it from the run's record."
     order = -20
-    def __init__(self, size: int, mode: str = "bilinear"): self.size, self.mode = int(size), mode
-    def before_batch(self):
-        kw = {"align_corners": False, "antialias": True} if self.mode in ("bilinear", "bicubic") else {}
-        rs = lambda x: F.interpolate(x, size=(self.size, self.size), mode=self.mode, **kw) if isinstance(x, torch.Tensor) and x.ndim == 4 else x
-        self.learn.xb = tuple(rs(x) for x in self.learn.xb)
-    def __repr__(self): return f"Resize({self.size}, {self.mode!r})"
+    def __init__(self, size: int, mode: str = "bilinear"): self.tfm = ResizeImages(size, mode)
+    def before_batch(self): self.learn.xb = tuple(self.tfm(x) if isinstance(x, torch.Tensor) and x.ndim == 4 else x for x in self.learn.xb)
+    def __repr__(self): return f"Resize({self.tfm.size}, {self.tfm.mode!r})"
 
 _SCHED_KW = {"cosine": lambda c: {"warmup": c.warmup}, "step": lambda c: {"step_size": c.step_size, "gamma": c.step_gamma},
              "plateau": lambda c: {"patience": c.plateau_patience, "factor": c.plateau_factor}}
@@ -247,6 +244,7 @@ def _learner(cfg: TrainConfig, dls, dev, out: Path, cbs, progress: bool) -> Lear
     return Learner(net, dls.train, dls.valid, loss_func=_make_loss(cfg, w), opt_func=_make_opt(cfg.opt), lr=cfg.lr, wd=cfg.wd,
                    metrics=[roc_auc, accuracy], cbs=[*_callbacks(cfg, dev, len(classes)), *cbs], device=dev, path=out,
                    progress=progress, config={"train": cfg.to_dict(), "classes": classes, "task": cfg.task,
+                                              "preprocess": {**(dls.preprocess or {}), "resize": cfg.resize, "resize_mode": cfg.resize_mode},
                                               "in_chans": dls.in_chans, "img_size": getattr(dls, "img_size", None)})
 
 # %% ../nbs/06b_classify.ipynb #0346f4fc

@@ -15,9 +15,9 @@ import pandas as pd
 import torch
 from .core import DeepLenseError, amp_dtype, atomic_write, atomic_write_text, get_device
 from .checkpoint import save_checkpoint, load_model
-from .data import BadFileError, natural_key, read_npy
+from .data import BadFileError, Resize, natural_key, read_npy
 from .models import MissingDependencyError, WeightsError, create_model, read_state_dict, _match_weights, _fmt
-from .evaluation import load_models, _batch_probs, _meta_classes
+from .evaluation import WithPreprocessing, load_models, _batch_probs, _meta_classes
 
 # %% auto #0
 __all__ = ['DeployError', 'hf_convnextv2_to_timm', 'ImportReport', 'import_weights', 'export_onnx', 'find_npy', 'predict_files']
@@ -167,6 +167,12 @@ def _optional(module: str, what: str):
         raise MissingDependencyError(f"{what} needs the optional package {module}, which is not installed. "
                                      f"Install it with: {_ONNX_HINT}") from None
 
+def _exportable(model: torch.nn.Module) -> tuple[torch.nn.Module, Resize | None]:
+    "ONNX has no antialiased resize: a model whose run resized its inputs is exported without its preprocessing (the caller applies it)."
+    if isinstance(model, WithPreprocessing) and any(isinstance(m, Resize) for m in model.pre):
+        return model.model, next(m for m in model.pre if isinstance(m, Resize))
+    return model, None
+
 def _img_size(meta: dict, img_size) -> tuple[int, int]:
     s = img_size or (meta.get("config") or {}).get("img_size") or 64
     s = [s] if isinstance(s, (int, float, str)) else list(s)
@@ -198,7 +204,8 @@ def export_onnx(ckpt: str | Path, # checkpoint file or run folder
     ort = _optional("onnxruntime", "ONNX export")
     out = _new_file(out, overwrite)
     (model,), _, (meta,) = load_models(ckpt)
-    C, (H, W) = int(getattr(model, "in_chans", 1)), _img_size(meta, img_size)
+    model, rs = _exportable(model)
+    C, (H, W) = int(getattr(model, "in_chans", 1)), (rs.size, rs.size) if rs else _img_size(meta, img_size)
     g = torch.Generator().manual_seed(0)
     classes = _meta_classes(meta) or [f"class{i}" for i in range(model.num_classes)]
     x, res = torch.rand(2, C, H, W, generator=g), {}
@@ -208,9 +215,11 @@ def export_onnx(ckpt: str | Path, # checkpoint file or run folder
         with torch.no_grad(): res["diff"] = diff = float(np.abs(sess.run(None, {"image": xc.numpy()})[0] - model(xc).numpy()).max())
         if not diff <= atol:
             raise DeployError(f"{out}: the ONNX model disagrees with PyTorch (max abs logit difference {diff:.3g} > {atol:g}); nothing was written.")
-    _onnx_write(model, x, out, opset, {"classes": json.dumps(classes), "source": str(ckpt)}, check)
-    diff = res["diff"]
-    return {"path": str(out), "input": ["batch", C, H, W], "classes": classes, "opset": opset, "max_abs_diff": diff}
+    spec = (meta.get("config") or {}).get("preprocess")
+    props = {"classes": json.dumps(classes), "source": str(ckpt), **({"preprocess_first": json.dumps(spec)} if rs else {})}
+    _onnx_write(model, x, out, opset, props, check)
+    note = f"the ONNX model takes preprocessed {rs.size}x{rs.size} images: apply the run's preprocessing {spec} first" if rs else ""
+    return {"path": str(out), "input": ["batch", C, H, W], "classes": classes, "opset": opset, "max_abs_diff": res["diff"], "note": note}
 
 # %% ../nbs/07a_deploy.ipynb #63b9812c
 def find_npy(paths: Sequence[str | Path], # .npy files and folders
@@ -312,7 +321,7 @@ def _cli_export(p: argparse.ArgumentParser):
     def run(a):
         r = export_onnx(a.ckpt, a.out, img_size=a.img_size, opset=a.opset, overwrite=a.overwrite)
         print(f"deeplense export: wrote {r['path']} (input {r['input']}, classes {r['classes']}); "
-              f"onnxruntime vs PyTorch max abs difference {r['max_abs_diff']:.2e}")
+              f"onnxruntime vs PyTorch max abs difference {r['max_abs_diff']:.2e}" + (f"; {r['note']}" if r["note"] else ""))
         return 0
     return run
 

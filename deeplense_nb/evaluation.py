@@ -25,11 +25,11 @@ from .metrics import (EvaluationError, FPRS, _check_probs, _choice, _jsonable, a
 from .plots import (plot_roc, plot_pr, plot_confusion_matrix, plot_score_hist, plot_reliability,
                                 plot_mistakes, load_history, plot_history, plot_auc_vs_time)
 from .checkpoint import load_model
-from .data import BatchLoader, d4_transforms, open_dataset
+from .data import BatchLoader, d4_transforms, open_dataset, preprocessing
 
 # %% auto #0
-__all__ = ['SPLITS', 'resolve_split', 'd4_views', 'as_loader', 'Predictions', 'predict_probs', 'Report', 'load_models',
-           'evaluate', 'compare_runs', 'EvaluationError', 'FPRS', 'accuracy', 'roc_auc', 'tpr_at_fpr',
+__all__ = ['SPLITS', 'resolve_split', 'd4_views', 'as_loader', 'Predictions', 'predict_probs', 'Report', 'WithPreprocessing',
+           'load_models', 'evaluate', 'compare_runs', 'EvaluationError', 'FPRS', 'accuracy', 'roc_auc', 'tpr_at_fpr',
            'select_threshold', 'bootstrap_auc', 'calibration', 'predicted_labels', 'confusion_matrix',
            'classification_metrics', 'plot_roc', 'plot_pr', 'plot_confusion_matrix', 'plot_score_hist',
            'plot_reliability', 'plot_mistakes', 'load_history', 'plot_history', 'plot_auc_vs_time']
@@ -418,10 +418,19 @@ def _resolve_checkpoint(p: Path) -> Path:
     if not p.exists(): raise EvaluationError(f"checkpoint {str(p)!r} does not exist.")
     return p
 
+# %% ../nbs/07_evaluation.ipynb #7d87c9a4
+class WithPreprocessing(nn.Module):
+    "A model behind the deterministic input pipeline it was trained with (`data.transforms.preprocessing`); other attributes are the model's."
+    def __init__(self, pre: nn.Module, model: nn.Module): super().__init__(); self.pre, self.model = pre, model
+    def forward(self, x): return self.model(self.pre(x))
+    def __getattr__(self, name):
+        try: return super().__getattr__(name)
+        except AttributeError: return getattr(self.model, name)   # num_classes, in_chans, model_config, ...
+
 # %% ../nbs/07_evaluation.ipynb #b35bbe8f
 def load_models(src, # nn.Module, checkpoint path, run folder, or a list of these
                ) -> tuple[list[nn.Module], list[str], list[dict]]:
-    "Models, their source names, and their checkpoint metadata ({} for in-memory models)."
+    "Models (checkpoints behind their run's input preprocessing), their source names, and their checkpoint metadata ({} for in-memory models)."
     srcs = list(src) if isinstance(src, (list, tuple)) else [src]
     if not srcs: raise EvaluationError("no model or checkpoint given.")
     models, names, metas = [], [], []
@@ -434,7 +443,8 @@ def load_models(src, # nn.Module, checkpoint path, run folder, or a list of thes
         if not getattr(m, "num_classes", None):
             raise EvaluationError(f"checkpoint {str(ck)!r} holds a {type(m).__name__}, not a classifier: `evaluate` scores "
                                   "classifiers (diffusion samples are scored by `deeplense_nb.diffusion.evaluate_samples`).")
-        models.append(m); names.append(str(ck)); metas.append(dict(meta or {}))
+        pre = preprocessing(((meta or {}).get("config") or {}).get("preprocess"))   # normalisation / resizing of the run
+        models.append(m if pre is None else WithPreprocessing(pre, m)); names.append(str(ck)); metas.append(dict(meta or {}))
     return models, names, metas
 
 # %% ../nbs/07_evaluation.ipynb #2f6d178f

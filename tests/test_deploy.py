@@ -243,3 +243,17 @@ def test_wheel_ships_experiments_and_subpackages(root, tmp_path):
                        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == str(site / "deeplense_nb" / "experiments_nbs" / "task1.ipynb")
+
+
+def test_export_a_resized_run(tmp_path):
+    "ONNX has no antialiased resize: a run that resized its inputs exports its network for preprocessed images, and says so."
+    import onnx
+    from deeplense_nb.classify import train_classifier
+    from deeplense_nb.data import make_toy_dataset
+    root = make_toy_dataset(tmp_path / "toy", layout="task1", n_per_class=8, img_size=32)
+    train_classifier(root, out=tmp_path / "run", model="cnn_baseline", epochs=1, batch_size=8, device="cpu", progress=False,
+                     normalize="standardize", resize=16, augment=False)
+    r = export_onnx(tmp_path / "run", tmp_path / "m.onnx")
+    assert r["input"] == ["batch", 1, 16, 16] and "apply the run's preprocessing" in r["note"] and r["max_abs_diff"] < 1e-4
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(props["preprocess_first"])["resize"] == 16

@@ -340,3 +340,20 @@ def test_binary_checkpoint_on_the_test_split(tmp_path):
     _check_png(tmp_path / "rep" / "pr.png")
     with pytest.raises(EvaluationError, match="trained on classes"):
         evaluate(tmp_path / "run", make_toy_dataset(tmp_path / "t1", layout="task1", n_per_class=4, img_size=32), n_boot=0)
+
+
+def test_checkpoints_are_evaluated_with_their_runs_preprocessing(tmp_path):
+    "A run trained with standardisation and resizing is evaluated, predicted and exported behind the same input pipeline."
+    from deeplense_nb.classify import train_classifier
+    from deeplense_nb.checkpoint import load_model
+    from deeplense_nb.data import make_toy_dataset
+    from deeplense_nb.evaluation import WithPreprocessing, load_models
+    root = make_toy_dataset(tmp_path / "toy", layout="task1", n_per_class=24, img_size=32)
+    m = train_classifier(root, out=tmp_path / "run", model="cnn_baseline", epochs=3, batch_size=8, device="cpu", progress=False,
+                         normalize="standardize", resize=16, augment=False)
+    (net,), _, _ = load_models(tmp_path / "run" / "best.ckpt")
+    assert isinstance(net, WithPreprocessing) and net.num_classes == 3
+    rep = evaluate(tmp_path / "run" / "best.ckpt", root, split="val", device="cpu")
+    assert abs(rep.metrics["auc_macro"] - m["roc_auc"]) < 1e-9   # the validation AUC of training, reproduced
+    raw, _ = load_model(tmp_path / "run" / "best.ckpt")        # the bare network sees unnormalised full-size images
+    assert abs(evaluate(raw, root, split="val", device="cpu").metrics["auc_macro"] - m["roc_auc"]) > 1e-6

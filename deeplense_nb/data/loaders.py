@@ -23,7 +23,7 @@ from .files import DataError, show_batch
 from .folders import _Images
 from .store import PackedDataset, _is_store, open_dataset
 from .sim import SimStream, is_sim_source, sim_source
-from .transforms import LogStretch, Normalize, dataset_stats, default_augment
+from .transforms import dataset_stats, default_augment, preprocessing
 from .device import DeviceAugment, DeviceData, DeviceLoader, device_nbytes, use_device_data
 
 # %% auto #0
@@ -190,6 +190,7 @@ class DataLoaders:
     img_size: int | tuple
     task: str | None = None
     source: str = ""
+    preprocess: dict | None = None  # the deterministic input pipeline as JSON (`transforms.preprocessing` rebuilds it)
     @property
     def num_classes(self) -> int: return len(self.classes)
     def show_batch(self, part: str = "train", **kw):
@@ -264,7 +265,7 @@ def _sim_dataloaders(data: str, *, task, batch_size: int, seed: int, augment, de
     if normalize == "standardize": raise DataError("normalize='standardize' needs a fixed training set; use 'log' or None with sim: data.")
     p, n = sim_source(data), epoch_size or 4096
     dev = device if device is not None else get_device("auto")   # simulate where the model trains
-    post = LogStretch() if normalize == "log" else None
+    spec = {"normalize": normalize}; post = preprocessing(spec)
     valid = SimStream(p, epoch_size=max(batch_size, n // 4), batch_size=batch_size, seed=seed, device=dev, split="val",
                       fresh=False, batch_tfm=post)
     _check_task(task, valid.dataset, data)
@@ -272,7 +273,7 @@ def _sim_dataloaders(data: str, *, task, batch_size: int, seed: int, augment, de
     train = SimStream(p, epoch_size=n, batch_size=batch_size, seed=seed, device=dev, split="train",
                       batch_tfm=_compose(aug, post), drop_last=drop_last)
     return DataLoaders(train=train, valid=valid, test=None, classes=list(p.classes), in_chans=valid.dataset.in_chans,
-                       img_size=p.npix, task=task, source=data)
+                       img_size=p.npix, task=task, source=data, preprocess=spec)
 
 # %% ../../nbs/035_data.loaders.ipynb #aea5eced
 def get_dataloaders(data: str | os.PathLike, # dataset folder (real or simulated layout) or packed store
@@ -315,10 +316,10 @@ def get_dataloaders(data: str | os.PathLike, # dataset folder (real or simulated
     if subset is not None:
         train, valid = (d.subset(stratified_subset(d.labels, subset, seed=seed)) for d in (train, valid))
         if test is not None: test = test.subset(stratified_subset(test.labels, subset, seed=seed))
-    post = None
-    if normalize == "standardize":
-        st = dataset_stats(train); post = Normalize(st["mean"], st["std"])
-    elif normalize == "log": post = LogStretch()
+    spec = {"normalize": normalize}
+    if normalize == "standardize":   # the training part's statistics, recorded so that evaluation applies the same
+        st = dataset_stats(train); spec.update(mean=st["mean"].tolist(), std=st["std"].tolist())
+    post = preprocessing(spec)
     sampler = None
     if balance is not None:
         if not full.classes: raise DataError("balance needs labelled data; these data are unlabelled.")
@@ -332,4 +333,4 @@ def get_dataloaders(data: str | os.PathLike, # dataset folder (real or simulated
         tr = BatchLoader(train, shuffle=True, sampler=sampler, drop_last=last, batch_tfm=_compose(aug, post), **kw)
         va, te = BatchLoader(valid, batch_tfm=post, **kw), None if test is None else BatchLoader(test, batch_tfm=post, **kw)
     return DataLoaders(train=tr, valid=va, test=te, classes=list(full.classes), in_chans=full.in_chans, img_size=full.img_size,
-                       task=task, source=str(data))
+                       task=task, source=str(data), preprocess=spec)

@@ -23,10 +23,10 @@ from ..core import check_choice
 from .files import DataError
 
 # %% auto #0
-__all__ = ['AUGMENTS', 'minmax_scale', 'dataset_stats', 'Normalize', 'log_stretch', 'LogStretch', 'd4', 'd4_transforms',
-           'd4_index', 'd4_batch', 'RandomBatchTransform', 'RandomD4', 'RandomFlip', 'RandomRot90', 'RandomAffine',
-           'RandomResizedCrop', 'ColorJitter', 'GaussianBlur', 'GaussianNoise', 'default_augment', 'augment_from_spec',
-           'MixUp', 'CutMix']
+__all__ = ['RESIZE_MODES', 'AUGMENTS', 'minmax_scale', 'dataset_stats', 'Normalize', 'log_stretch', 'LogStretch', 'Resize',
+           'preprocessing', 'd4', 'd4_transforms', 'd4_index', 'd4_batch', 'RandomBatchTransform', 'RandomD4',
+           'RandomFlip', 'RandomRot90', 'RandomAffine', 'RandomResizedCrop', 'ColorJitter', 'GaussianBlur',
+           'GaussianNoise', 'default_augment', 'augment_from_spec', 'MixUp', 'CutMix']
 
 # %% ../../nbs/034_data.transforms.ipynb #3fbb7c64
 def minmax_scale(x: np.ndarray | torch.Tensor, # image (C, H, W) / (H, W) or batch (B, C, H, W)
@@ -84,6 +84,28 @@ class LogStretch(nn.Module):
     def __init__(self, a: float = 1000.0): super().__init__(); self.a = a
     def forward(self, x): return log_stretch(x, a=self.a)
     def extra_repr(self): return f"a={self.a}"
+
+# %% ../../nbs/034_data.transforms.ipynb #c65a21b2
+RESIZE_MODES = ("bilinear", "bicubic", "area", "nearest")
+
+class Resize(nn.Module):
+    "Resize images `(C, H, W)` or batches `(B, C, H, W)` to `size` x `size` pixels (antialiased when bilinear/bicubic)."
+    def __init__(self, size: int, mode: str = "bilinear"):
+        super().__init__(); self.size, self.mode = int(size), check_choice("resize_mode", mode, RESIZE_MODES, error=DataError)
+    def forward(self, x):
+        if x.ndim == 3: return self.forward(x[None])[0]
+        kw = {"align_corners": False, "antialias": True} if self.mode in ("bilinear", "bicubic") else {}
+        return F.interpolate(x, size=(self.size, self.size), mode=self.mode, **kw)
+    def extra_repr(self): return f"{self.size}, mode={self.mode!r}"
+
+def preprocessing(spec: dict | None, # {"normalize": None | "log" | "standardize", "mean", "std", "resize", "resize_mode"}
+                 ) -> nn.Module | None:
+    "The deterministic input pipeline of a training run, rebuilt from its JSON record: normalisation, then resizing (None: nothing)."
+    spec, steps = spec or {}, []
+    if spec.get("normalize") == "standardize": steps.append(Normalize(spec["mean"], spec["std"]))
+    elif spec.get("normalize") == "log": steps.append(LogStretch())
+    if spec.get("resize"): steps.append(Resize(spec["resize"], spec.get("resize_mode", "bilinear")))
+    return nn.Sequential(*steps) if steps else None
 
 # %% ../../nbs/034_data.transforms.ipynb #6a141485
 def d4(x: torch.Tensor, g: int) -> torch.Tensor:
