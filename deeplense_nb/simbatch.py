@@ -108,10 +108,15 @@ class LensFindingPreset(Config):
     arc_to_lens_flux: tuple = (0.15, 0.8)  # total arc flux / lens-galaxy flux (in the g band after SEDs)
     n_field: tuple = (0, 5)             # field galaxies per cutout (uniform integer)
     n_stars: tuple = (0, 2)
-    noise_sigma: tuple = (0.01, 0.08)   # Gaussian sky noise per band, in units of the lens-galaxy peak (i band)
+    noise_sigma: tuple = (0.00025, 0.005) # Gaussian sky noise of the i band, in units of the unblurred lens-galaxy peak (log-uniform)
+    band_noise: tuple = (8.0, 4.0, 1.0) # g, r, i noise in units of `noise_sigma` (real cutouts: g the noisiest, i the cleanest)
     train_ratio: int = 16               # non-lenses per lens in train (real: 28675 / 1730 = 16.6)
     test_ratio: int = 100               # non-lenses per lens in test (real: 19455 / 195 = 99.8)
     classes: tuple = ("nonlens", "lens")
+
+    def __post_init__(self):
+        for k in ("lens_sed", "src_sed", "band_noise"):
+            if len(getattr(self, k)) != len(self.bands): raise DeepLenseError(f"{k} has {len(getattr(self, k))} values for {len(self.bands)} bands {self.bands}")
 
 # %% ../nbs/01a_simbatch.ipynb #279b65cf
 _MASK64 = (1 << 64) - 1
@@ -343,7 +348,7 @@ def sample_lens_finding_batch(preset: LensFindingPreset | None = None,
     index, labels = _index_labels(p, index, labels)
     key = image_keys(seed, split, index)
     u = uniforms(key[:, None], torch.arange(len(_LF_DRAWS))); d = lambda k: u[:, _LF_DRAWS[k]]
-    t = dict(psf_fwhm=_uni(d("psf_fwhm"), p.psf_fwhm), noise_sigma=_uni(d("noise_sigma"), p.noise_sigma),
+    t = dict(psf_fwhm=_uni(d("psf_fwhm"), p.psf_fwhm), noise_sigma=_loguni(d("noise_sigma"), p.noise_sigma),
              n_field=_randint(d("n_field"), *p.n_field), n_stars=_randint(d("n_stars"), *p.n_stars),
              centre=torch.where(labels == 1, 0, torch.tensor([1, 1, 2, 3, 4])[_randint(d("centre"), 0, 4)]),
              theta_E=_uni(d("theta_E"), p.theta_E), q=_uni(d("q"), p.lens_q), phi=_uni(d("phi"), (0, math.pi)),
@@ -421,5 +426,7 @@ def render_lens_finding_batch(truth: dict, # from `sample_lens_finding_batch`
         img.index_add_(0, idx, _arcs({k: v[idx] for k, v in t.items() if k not in ("label", "index")}, p, x, y, light[idx, 0]))
     radius = psf_radius(max(p.psf_fwhm), p.pixel_scale)   # the widest PSF of the preset, known on the host
     img = psf_blur(img, t["psf_fwhm"].to(dtype).repeat_interleave(3), p.pixel_scale, radius=radius)
-    if noise: img = img + t["noise_sigma"].to(dtype).view(-1, 1, 1, 1) * _normal(_noise_uniforms(t["key"], img.shape[1:])).to(dtype)
+    if noise:
+        sigma = t["noise_sigma"].to(dtype).view(-1, 1, 1, 1) * torch.tensor(p.band_noise, dtype=dtype, device=dev).view(1, -1, 1, 1)
+        img = img + sigma * _normal(_noise_uniforms(t["key"], img.shape[1:])).to(dtype)
     return minmax(img, check=False) if normalize else img   # no host read in the hot path

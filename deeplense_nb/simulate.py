@@ -168,7 +168,7 @@ def _lf_galaxy(rng, x, y, kind, cx, cy, amp):
 # %% ../nbs/02_simulate.ipynb #122a19c1
 def sample_lens_finding(p: LensFindingPreset, is_lens: bool, rng: np.random.Generator) -> dict:
     "Parameters of one lens-finding cutout (a lens or a non-lens)."
-    t = dict(label="lens" if is_lens else "nonlens", psf_fwhm=_u(rng, p.psf_fwhm), noise_sigma=_u(rng, p.noise_sigma),
+    t = dict(label="lens" if is_lens else "nonlens", psf_fwhm=_u(rng, p.psf_fwhm), noise_sigma=_loguniform(rng, p.noise_sigma),
              n_field=int(rng.integers(p.n_field[0], p.n_field[1] + 1)), n_stars=int(rng.integers(p.n_stars[0], p.n_stars[1] + 1)),
              noise_seed=int(rng.integers(2**62)), field_seed=int(rng.integers(2**62)))
     if is_lens:
@@ -202,7 +202,8 @@ def render_lens_finding(t: dict, p: LensFindingPreset, *, device="cpu", dtype=to
     for _ in range(t["n_stars"]): img += _lf_object(rng, p, x, y, "star")
     img = convolve(img, gaussian_psf(t["psf_fwhm"], p.pixel_scale, dtype=dtype, device=dev))
     nrng = np.random.default_rng(t["noise_seed"])
-    img = img + torch.from_numpy(nrng.normal(0, t["noise_sigma"], size=img.shape)).to(img)
+    sigma = t["noise_sigma"] * np.asarray(p.band_noise, dtype=np.float64)[:, None, None]   # per band
+    img = img + torch.from_numpy(nrng.normal(0, 1, size=img.shape) * sigma).to(img)
     return minmax(img) if normalize else img
 
 # %% ../nbs/02_simulate.ipynb #070bdb2c

@@ -18,3 +18,8 @@ def test_sim2real_quick(tmp_path, cli):
         cm = np.array(v["confusion"]); assert cm.shape == (3, 3) and cm.sum() == n_real
         assert (out / f"confusion_{name}.png").is_file()
     assert m["auc_macro"] == m["methods"][m["best_method"]]["auc_macro"] == max(v["auc_macro"] for v in m["methods"].values())
+    t2 = m["task2"]   # the lens finder trained on simulated cutouts, scored on every real (or stand-in) cutout
+    n_ii = len([f for f in Path(t2["real_dir"]).rglob("*.npy") if f.parent.name.endswith("lenses")])
+    assert t2["n"] == n_ii > 0 and 0 < t2["n_lenses"] < n_ii and 0 <= t2["auc"] <= 1 and 0 <= t2["average_precision"] <= 1
+    assert t2["auc_ci"][0] <= t2["auc_ci"][1] and set(t2["tpr_at_fpr"]) == {"0.001", "0.01", "0.1"}
+    assert len(t2["sky_noise"]["real"]) == len(t2["sky_noise"]["sim"]) == 3

@@ -56,6 +56,19 @@ def test_lens_finding_matches_real_format(tmp_path, real_samples):
     for a in real + sim:  # each channel separately min-max scaled
         assert np.allclose(a.reshape(3, -1).min(1), 0) and np.allclose(a.reshape(3, -1).max(1), 1)
 
+def _sky_noise(x):
+    "Median robust sky standard deviation per band (top and bottom 8 rows), in min-max units."
+    b = np.concatenate([x[:, :, :8], x[:, :, -8:]], axis=2).reshape(len(x), x.shape[1], -1)
+    return np.median(1.4826 * np.median(np.abs(b - np.median(b, 2, keepdims=True)), 2), 0)
+
+def test_lens_finding_sky_noise_like_the_real_cutouts(real_samples):
+    "The measured sim-to-real difference the preset was calibrated on: per-band sky noise, noisiest in g, cleanest in i."
+    from deeplense_nb.data.sim import SimStream
+    real = _sky_noise(np.stack(_real(real_samples, "specific_test_II")))
+    sim = _sky_noise(next(iter(SimStream("lens_finding", epoch_size=200, batch_size=200, seed=3)))[0].numpy())
+    assert real[0] > real[1] > real[2] and sim[0] > sim[1] > sim[2]
+    assert np.all(sim / real < 2.5) and np.all(real / sim < 2.5), (real, sim)
+
 def test_diffusion_layout(tmp_path):
     simulate_diffusion(tmp_path / "d", n=4, progress=False)
     files = sorted((tmp_path / "d" / "Samples").glob("*.npy"))
