@@ -105,9 +105,10 @@ class LensFindingPreset(Config):
     lens_R_e: tuple = (0.4, 1.2)        # lens light half-light radius, arcsec
     src_R_e: tuple = (0.1, 0.35)        # arcsec
     src_center: float = 0.5             # arcsec
-    arc_to_lens_flux: tuple = (0.15, 0.8)  # total arc flux / lens-galaxy flux (in the g band after SEDs)
+    arc_to_lens_flux: tuple = (0.3, 2.0)   # total arc flux / lens-galaxy flux (in the g band after SEDs; real arcs are bright in g)
     n_field: tuple = (0, 5)             # field galaxies per cutout (uniform integer)
     n_stars: tuple = (0, 2)
+    gal_size: tuple = (0.15, 0.6)       # half-light radii of the non-lens galaxies times this per-cutout factor (log-uniform; real cutouts: compact)
     noise_sigma: tuple = (0.00025, 0.005) # Gaussian sky noise of the i band, in units of the unblurred lens-galaxy peak (log-uniform)
     band_noise: tuple = (8.0, 4.0, 1.0) # g, r, i noise in units of `noise_sigma` (real cutouts: g the noisiest, i the cleanest)
     train_ratio: int = 16               # non-lenses per lens in train (real: 28675 / 1730 = 16.6)
@@ -336,7 +337,7 @@ def simulate_images(n_or_index, # number of images (indices 0..n-1) or the image
 _CENTRES = ("lens", "elliptical", "disc", "star", "pair")   # centre codes of `sample_lens_finding_batch`
 _LF_DRAWS = {k: i for i, k in enumerate(("psf_fwhm", "noise_sigma", "n_field", "n_stars", "centre", "theta_E", "q", "phi",
                                           "shear", "shear_phi", "lens_R_e", "src_x", "src_y", "src_R_e", "src_q", "src_phi",
-                                          "arc_flux"))}
+                                          "arc_flux", "gal_size"))}
 _SLOT_DRAWS = 100    # slot s uses draws 100 + 16 s + (0..15)
 
 def sample_lens_finding_batch(preset: LensFindingPreset | None = None,
@@ -354,7 +355,8 @@ def sample_lens_finding_batch(preset: LensFindingPreset | None = None,
              theta_E=_uni(d("theta_E"), p.theta_E), q=_uni(d("q"), p.lens_q), phi=_uni(d("phi"), (0, math.pi)),
              lens_R_e=_uni(d("lens_R_e"), p.lens_R_e), src_x=_uni(d("src_x"), (-p.src_center, p.src_center)),
              src_y=_uni(d("src_y"), (-p.src_center, p.src_center)), src_R_e=_uni(d("src_R_e"), p.src_R_e),
-             src_q=_uni(d("src_q"), (0.5, 1)), src_phi=_uni(d("src_phi"), (0, math.pi)), arc_flux=_uni(d("arc_flux"), p.arc_to_lens_flux))
+             src_q=_uni(d("src_q"), (0.5, 1)), src_phi=_uni(d("src_phi"), (0, math.pi)), arc_flux=_uni(d("arc_flux"), p.arc_to_lens_flux),
+             gal_size=_loguni(d("gal_size"), p.gal_size))
     g, gphi = _uni(d("shear"), p.shear), _uni(d("shear_phi"), (0, math.pi))
     t.update(gamma1=g * torch.cos(2 * gphi), gamma2=g * torch.sin(2 * gphi))
     t.update(_slots(p, t, key))
@@ -380,7 +382,7 @@ def _slots(p: LensFindingPreset, t: dict, key: Tensor) -> dict[str, Tensor]:
     amp = 10 ** (-1.3 + 1.3 * us[..., 3]) * ((field & (j - 2 < t["n_field"][:, None])) | (star & (j - 7 < t["n_stars"][:, None])))
     amp[:, 0], amp[:, 1] = 1.0, (0.2 + 0.6 * us[:, 1, 3]) * (c == 4)
     ell = kind == 0
-    R_e = torch.where(ell, 0.3 + 0.7 * us[..., 4], 0.3 + 0.9 * us[..., 4])
+    R_e = torch.where(ell, 0.3 + 0.7 * us[..., 4], 0.3 + 0.9 * us[..., 4]) * t["gal_size"][:, None]
     q = torch.where(ell, 0.5 + 0.5 * us[..., 5], 0.3 + 0.7 * us[..., 5]); phi = math.pi * us[..., 6]
     f = us[..., 7:10]
     sed = torch.where(ell[..., None], _ELL_SED * (0.8 + 0.4 * f), torch.where((kind == 1)[..., None], _DISC_SED * (0.7 + 0.6 * f), 0.3 + 0.7 * f))

@@ -24,7 +24,8 @@ _all_ = ["PRESETS", "SimPreset", "get_preset", "LensFindingPreset", "minmax"]  #
 __all__ = ['MANIFEST', 'TRUTH', 'ENGINES', 'image_rng', 'sample_truth', 'render', 'simulate_batch', 'sample_lens_finding',
            'render_lens_finding', 'task1_counts', 'task1_batches', 'simulate_task1', 'lens_finding_batches',
            'lens_finding_counts', 'simulate_lens_finding', 'simulate_diffusion', 'load_truth', 'count_scale',
-           'image_stats', 'compare_stats', 'PRESETS', 'SimPreset', 'get_preset', 'LensFindingPreset', 'minmax']
+           'image_stats', 'compare_stats', 'cutout_stats', 'PRESETS', 'SimPreset', 'get_preset', 'LensFindingPreset',
+           'minmax']
 
 # %% ../nbs/02_simulate.ipynb #26a4c662
 def image_rng(seed: int, *keys) -> np.random.Generator:
@@ -146,21 +147,21 @@ def simulate_batch(n: int, *, preset: str | SimPreset = "model_i", labels=None, 
     return imgs.float(), labels, truth
 
 # %% ../nbs/02_simulate.ipynb #9f451b32
-def _lf_object(rng, p, x, y, kind):
+def _lf_object(rng, p, x, y, kind, size=1.0):
     "One field object as (3, H, W) flux: an elliptical, a disc galaxy or a star, at a random position."
     cx, cy = rng.uniform(-p.npix * p.pixel_scale / 2, p.npix * p.pixel_scale / 2, size=2)
-    return _lf_galaxy(rng, x, y, kind, cx, cy, amp=10 ** rng.uniform(-1.3, 0.0))
+    return _lf_galaxy(rng, x, y, kind, cx, cy, amp=10 ** rng.uniform(-1.3, 0.0), size=size)
 
-def _lf_galaxy(rng, x, y, kind, cx, cy, amp):
+def _lf_galaxy(rng, x, y, kind, cx, cy, amp, size=1.0):
     if kind == "star":
         img = torch.zeros_like(x); d2 = (x - cx) ** 2 + (y - cy) ** 2
         img = torch.exp(-d2 / (2 * 0.02 ** 2)); img = img / img.max().clamp(min=1e-12)
         sed = rng.uniform(0.3, 1.0, size=3)
     elif kind == "elliptical":
-        img = sersic(x, y, R_e=rng.uniform(0.3, 1.0), n=4.0, q=rng.uniform(0.5, 1), phi=rng.uniform(0, math.pi), x0=cx, y0=cy)
+        img = sersic(x, y, R_e=rng.uniform(0.3, 1.0) * size, n=4.0, q=rng.uniform(0.5, 1), phi=rng.uniform(0, math.pi), x0=cx, y0=cy)
         sed = np.array([0.25, 0.6, 1.0]) * rng.uniform(0.8, 1.2, size=3)
     else:  # disc
-        img = sersic(x, y, R_e=rng.uniform(0.3, 1.2), n=1.0, q=rng.uniform(0.3, 1), phi=rng.uniform(0, math.pi), x0=cx, y0=cy)
+        img = sersic(x, y, R_e=rng.uniform(0.3, 1.2) * size, n=1.0, q=rng.uniform(0.3, 1), phi=rng.uniform(0, math.pi), x0=cx, y0=cy)
         sed = np.array([0.9, 0.8, 0.7]) * rng.uniform(0.7, 1.3, size=3)
     img = img / img.max().clamp(min=1e-12) * amp
     return torch.stack([img * float(s) for s in sed])
@@ -170,7 +171,7 @@ def sample_lens_finding(p: LensFindingPreset, is_lens: bool, rng: np.random.Gene
     "Parameters of one lens-finding cutout (a lens or a non-lens)."
     t = dict(label="lens" if is_lens else "nonlens", psf_fwhm=_u(rng, p.psf_fwhm), noise_sigma=_loguniform(rng, p.noise_sigma),
              n_field=int(rng.integers(p.n_field[0], p.n_field[1] + 1)), n_stars=int(rng.integers(p.n_stars[0], p.n_stars[1] + 1)),
-             noise_seed=int(rng.integers(2**62)), field_seed=int(rng.integers(2**62)))
+             noise_seed=int(rng.integers(2**62)), field_seed=int(rng.integers(2**62)), gal_size=_loguniform(rng, p.gal_size))
     if is_lens:
         q, phi = _u(rng, p.lens_q), float(rng.uniform(0, math.pi)); g, gphi = _u(rng, p.shear), float(rng.uniform(0, math.pi))
         t.update(centre="lens", theta_E=_u(rng, p.theta_E), q=q, phi=phi, gamma1=g * math.cos(2 * gphi), gamma2=g * math.sin(2 * gphi),
@@ -186,7 +187,7 @@ def render_lens_finding(t: dict, p: LensFindingPreset, *, device="cpu", dtype=to
     "Render one three-band cutout `(3, npix, npix)` from its parameters (per-channel min-max when `normalize`)."
     dev = get_device(device)
     x, y = pixel_grid(p.npix, p.pixel_scale, device=dev, dtype=dtype)
-    rng = np.random.default_rng(t["field_seed"])
+    rng, s = np.random.default_rng(t["field_seed"]), t.get("gal_size", 1.0)   # truth written before gal_size: 1
     img = torch.zeros(3, p.npix, p.npix, device=dev, dtype=dtype)
     if t["centre"] == "lens":
         lens = sersic(x, y, R_e=t["lens_R_e"], n=4.0, q=t["q"], phi=t["phi"]); lens = lens / lens.max()
@@ -195,10 +196,10 @@ def render_lens_finding(t: dict, p: LensFindingPreset, *, device="cpu", dtype=to
         arcs = arcs / arcs.sum() * lens.sum() * t["arc_flux"] / p.src_sed[0] * p.lens_sed[0]
         img += torch.stack([lens * s for s in p.lens_sed]) + torch.stack([arcs * s for s in p.src_sed])
     elif t["centre"] == "pair":
-        img += _lf_galaxy(rng, x, y, "elliptical", 0.0, 0.0, 1.0) + _lf_galaxy(rng, x, y, "disc", *rng.uniform(-2, 2, size=2), rng.uniform(0.2, 0.8))
+        img += _lf_galaxy(rng, x, y, "elliptical", 0.0, 0.0, 1.0, s) + _lf_galaxy(rng, x, y, "disc", *rng.uniform(-2, 2, size=2), rng.uniform(0.2, 0.8), s)
     else:
-        img += _lf_galaxy(rng, x, y, t["centre"], *rng.normal(0, 0.1, size=2), 1.0)
-    for _ in range(t["n_field"]): img += _lf_object(rng, p, x, y, rng.choice(["elliptical", "disc"]))
+        img += _lf_galaxy(rng, x, y, t["centre"], *rng.normal(0, 0.1, size=2), 1.0, s)
+    for _ in range(t["n_field"]): img += _lf_object(rng, p, x, y, rng.choice(["elliptical", "disc"]), s)
     for _ in range(t["n_stars"]): img += _lf_object(rng, p, x, y, "star")
     img = convolve(img, gaussian_psf(t["psf_fwhm"], p.pixel_scale, dtype=dtype, device=dev))
     nrng = np.random.default_rng(t["noise_seed"])
@@ -340,7 +341,7 @@ def simulate_task1(out: str | Path, *, n_train: int = 30_000, # images in train/
         return _write_manifest(d, "task1", p, seed, counts, dtype, rows, time.time() - t0, engine)
 
 # %% ../nbs/02_simulate.ipynb #2c0d65e0
-_LF_KEYS = ("psf_fwhm", "noise_sigma", "n_field", "n_stars")
+_LF_KEYS = ("psf_fwhm", "noise_sigma", "n_field", "n_stars", "gal_size")
 _LF_LENS_KEYS = ("theta_E", "q", "phi", "gamma1", "gamma2", "lens_R_e", "src_x", "src_y", "src_R_e", "src_q", "src_phi", "arc_flux")
 
 def _lf_rows(t: dict, p: LensFindingPreset) -> list[dict]:
@@ -503,3 +504,16 @@ def compare_stats(groups: dict, # {name: list of images}
         st = [image_stats(im) for im in imgs]
         rows[name] = {k: f"{np.mean([s[k] for s in st]):.3g} ± {np.std([s[k] for s in st]):.2g}" for k in st[0]}
     return pd.DataFrame(rows).T
+
+# %% ../nbs/02_simulate.ipynb #e8444b63
+def cutout_stats(x, # (B, C, H, W) Task II-like cutouts, each channel min-max scaled
+                 ) -> dict:
+    "Per-band medians over the cutouts: the sky's robust standard deviation (top and bottom 8 rows) and the flux in an annulus of 4-14 px over the central 3 px (both in min-max units)."
+    x = np.asarray(x, dtype=np.float64); B, C, H, W = x.shape
+    b = np.concatenate([x[:, :, :8], x[:, :, -8:]], axis=2).reshape(B, C, -1)
+    sky = np.median(b, 2)
+    r = np.hypot(*(np.mgrid[:H, :W] - (np.array([H, W])[:, None, None] - 1) / 2))
+    s = x - sky[..., None, None]
+    ratio = s[..., (r >= 4) & (r < 14)].sum(-1) / np.clip(s[..., r < 3].sum(-1), 1e-6, None)
+    noise = 1.4826 * np.median(np.abs(b - sky[..., None]), 2)
+    return {"sky_noise": np.median(noise, 0).round(4).tolist(), "annulus_to_core": np.median(ratio, 0).round(3).tolist()}

@@ -46,7 +46,7 @@ def test_lens_finding_truth_distributions():
     p, n = LensFindingPreset(), 1200
     old = [sample_lens_finding(p, i % 2 == 1, image_rng(3, "t", i)) for i in range(n)]
     new = sb.sample_lens_finding_batch(p, torch.arange(n) % 2, seed=3, split="t")
-    for k in ("psf_fwhm", "noise_sigma", "n_field", "n_stars"):
+    for k in ("psf_fwhm", "noise_sigma", "n_field", "n_stars", "gal_size"):
         assert stats.ks_2samp([o[k] for o in old], new[k].numpy()).pvalue > 1e-3, k
     lens = new["label"] == 1
     for k in ("theta_E", "q", "phi", "gamma1", "gamma2", "lens_R_e", "src_x", "src_y", "src_R_e", "src_q", "src_phi", "arc_flux"):

@@ -2,8 +2,9 @@
 import json
 from pathlib import Path
 import numpy as np
+import torch
 import pytest
-from deeplense_nb.simulate import simulate_task1, simulate_lens_finding, simulate_diffusion, load_truth, sample_truth, get_preset, image_rng
+from deeplense_nb.simulate import cutout_stats, simulate_task1, simulate_lens_finding, simulate_diffusion, load_truth, sample_truth, get_preset, image_rng
 
 @pytest.fixture(scope="module")
 def t1(tmp_path_factory):
@@ -56,18 +57,20 @@ def test_lens_finding_matches_real_format(tmp_path, real_samples):
     for a in real + sim:  # each channel separately min-max scaled
         assert np.allclose(a.reshape(3, -1).min(1), 0) and np.allclose(a.reshape(3, -1).max(1), 1)
 
-def _sky_noise(x):
-    "Median robust sky standard deviation per band (top and bottom 8 rows), in min-max units."
-    b = np.concatenate([x[:, :, :8], x[:, :, -8:]], axis=2).reshape(len(x), x.shape[1], -1)
-    return np.median(1.4826 * np.median(np.abs(b - np.median(b, 2, keepdims=True)), 2), 0)
-
-def test_lens_finding_sky_noise_like_the_real_cutouts(real_samples):
-    "The measured sim-to-real difference the preset was calibrated on: per-band sky noise, noisiest in g, cleanest in i."
-    from deeplense_nb.data.sim import SimStream
-    real = _sky_noise(np.stack(_real(real_samples, "specific_test_II")))
-    sim = _sky_noise(next(iter(SimStream("lens_finding", epoch_size=200, batch_size=200, seed=3)))[0].numpy())
-    assert real[0] > real[1] > real[2] and sim[0] > sim[1] > sim[2]
-    assert np.all(sim / real < 2.5) and np.all(real / sim < 2.5), (real, sim)
+def test_lens_finding_cutouts_like_the_real_ones(real_samples):
+    "The measured sim-to-real differences the preset was calibrated on: per-band sky noise, compact non-lenses, bright arcs."
+    from deeplense_nb.simbatch import render_lens_finding_batch, sample_lens_finding_batch
+    real = {c: cutout_stats(np.stack([np.load(f) for f in sorted((real_samples / "specific_test_II").glob(f"*_{c}/*.npy"))]))
+            for c in ("lenses", "nonlenses")}
+    sim = {c: cutout_stats(render_lens_finding_batch(sample_lens_finding_batch(labels=torch.full((200,), lab), seed=3)).numpy())
+           for c, lab in (("lenses", 1), ("nonlenses", 0))}
+    for c in real:
+        r, s = np.array(real[c]["sky_noise"]), np.array(sim[c]["sky_noise"])
+        assert r[0] > r[1] > r[2] and s[0] > s[1] > s[2] and np.all(s / r < 2.5) and np.all(r / s < 2.5), (c, r, s)
+        r, s = np.array(real[c]["annulus_to_core"]), np.array(sim[c]["annulus_to_core"])
+        assert np.all(s / r < 2) and np.all(r / s < 2), (c, r, s)
+    for src in (real, sim):  # lenses: light around the centre (arcs), brightest in g; non-lenses: compact
+        assert src["lenses"]["annulus_to_core"][0] > 2 * src["nonlenses"]["annulus_to_core"][0]
 
 def test_diffusion_layout(tmp_path):
     simulate_diffusion(tmp_path / "d", n=4, progress=False)
