@@ -23,7 +23,7 @@ uv:  ## install uv with pip when it is missing
 
 $(VENV)/.synced: uv.lock pyproject.toml | uv
 	@echo ">> creating $(VENV) from uv.lock (uv sync --frozen)"
-	$(UV) sync --frozen --all-extras
+	$(UV) sync --frozen --all-extras --compile-bytecode
 	@touch $@
 
 sync: $(VENV)/.synced  ## create/update .venv from uv.lock
@@ -42,10 +42,10 @@ test: $(VENV)/.synced  ## the CI gate: library in sync with notebooks, docs prep
 	$(PY) tools/readme.py --check
 	@echo ">> 3/5 nbdev-proc-nbs (docs preprocessing)"
 	$(BIN)/nbdev-proc-nbs > /dev/null
-	@echo ">> 4/5 nbdev-test (skips cells marked: notest slow cuda)"
-	$(BIN)/nbdev-test --n-workers 2 --timing
-	@echo ">> 5/5 pytest"
-	$(BIN)/pytest -n 2 --dist load
+	@echo ">> 4/5 nbdev-test (skips cells marked: notest slow cuda; 2 workers of 1 torch thread each)"
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/nbdev-test --n-workers 2 --timing
+	@echo ">> 5/5 pytest (2 workers of 1 torch thread each)"
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/pytest -n 2 --dist load
 
 lab: $(VENV)/.synced  ## JupyterLab on the project
 	$(BIN)/jupyter lab --notebook-dir=.

@@ -26,7 +26,7 @@
 #   bash benchmarks/gpu_check.sh --fetch-wheels
 # Run it through the device tool in ONE call (about 8 minutes; the files come back under files_at):
 #   run(command="bash benchmarks/gpu_check.sh --out $OUT", carry=["benchmarks/wheels"], timeout_s=580)
-# Check it here first without a GPU (tiny CPU versions, a few minutes):  PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh --out /tmp/gc
+# Check it here first without a GPU (tiny CPU versions, about a minute):  PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh --out /tmp/gc
 set -u
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/.." && pwd)"
@@ -126,12 +126,12 @@ if [ -n "$GPU" ]; then
 else
   NOGPU="no CUDA GPU on this machine"
   step simulate 300 "" 'load("bench_simulate.json")' \
-    '"$PY"' -u benchmarks/bench_simulate.py --device cpu --n 16 --n-lenstronomy 2 --out '"$STEPDIR"'
+    '"$PY"' -u benchmarks/bench_simulate.py --device cpu --n 8 --n-lenstronomy 1 --repeat 1 --train-model= --out '"$STEPDIR"'
   step train 600 "" '(load("bench_train.json") or {}).get("device_path")' \
     '"$PY"' -u benchmarks/bench_train.py --sections device_path --device cpu --n 96 --size 32 --batch 32 --repeats 1 --gpu-model resnet20 --out '"$STEPDIR"'
   step demo 1 "$NOGPU (the CPU demo takes minutes: make demo)" ''
   step diffusion 300 "" '{k: (load("bench_diffusion.json") or {}).get(k) for k in ("training", "sampling", "goals")}' \
-    '"$PY"' -u benchmarks/bench_diffusion.py --device cpu --size 16 --timesteps 10 --ddpm-steps 0 --ddim-steps 3 --train-steps 2 --repeats 1 --out '"$STEPDIR"'
+    '"$PY"' -u benchmarks/bench_diffusion.py --device cpu --size 16 --base-width 8 --timesteps 10 --ddpm-steps 0 --ddim-steps 3 --batch 4 --train-batch 4 --train-steps 2 --repeats 1 --out '"$STEPDIR"'
   step pytest 1 "$NOGPU (pytest -m cuda needs one)" ''
 fi
 

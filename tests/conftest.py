@@ -5,6 +5,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = Path(os.environ.get("DEEPLENSE_SAMPLES", ROOT.parent / "shared" / "deeplense_samples"))
+# Several xdist workers share the cores: one torch thread per process (before torch is imported here or in the CLI's
+# subprocesses). Two workers of two spinning OpenMP threads each on two cores run several times slower.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1: os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 @pytest.fixture(scope="session")
 def root() -> Path:
