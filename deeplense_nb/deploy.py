@@ -169,9 +169,8 @@ def _optional(module: str, what: str):
 
 def _exportable(model: torch.nn.Module) -> tuple[torch.nn.Module, Resize | None]:
     "ONNX has no antialiased resize: a model whose run resized its inputs is exported without its preprocessing (the caller applies it)."
-    if isinstance(model, WithPreprocessing) and any(isinstance(m, Resize) for m in model.pre):
-        return model.model, next(m for m in model.pre if isinstance(m, Resize))
-    return model, None
+    rs = next((m for m in model.pre if isinstance(m, Resize)), None) if isinstance(model, WithPreprocessing) else None
+    return (model.model, rs) if rs is not None else (model, None)
 
 def _img_size(meta: dict, img_size) -> tuple[int, int]:
     s = img_size or (meta.get("config") or {}).get("img_size") or 64

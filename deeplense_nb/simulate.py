@@ -187,7 +187,7 @@ def render_lens_finding(t: dict, p: LensFindingPreset, *, device="cpu", dtype=to
     "Render one three-band cutout `(3, npix, npix)` from its parameters (per-channel min-max when `normalize`)."
     dev = get_device(device)
     x, y = pixel_grid(p.npix, p.pixel_scale, device=dev, dtype=dtype)
-    rng, s = np.random.default_rng(t["field_seed"]), t.get("gal_size", 1.0)   # truth written before gal_size: 1
+    rng, size = np.random.default_rng(t["field_seed"]), t.get("gal_size", 1.0)   # truth written before gal_size: 1
     img = torch.zeros(3, p.npix, p.npix, device=dev, dtype=dtype)
     if t["centre"] == "lens":
         lens = sersic(x, y, R_e=t["lens_R_e"], n=4.0, q=t["q"], phi=t["phi"]); lens = lens / lens.max()
@@ -196,10 +196,10 @@ def render_lens_finding(t: dict, p: LensFindingPreset, *, device="cpu", dtype=to
         arcs = arcs / arcs.sum() * lens.sum() * t["arc_flux"] / p.src_sed[0] * p.lens_sed[0]
         img += torch.stack([lens * s for s in p.lens_sed]) + torch.stack([arcs * s for s in p.src_sed])
     elif t["centre"] == "pair":
-        img += _lf_galaxy(rng, x, y, "elliptical", 0.0, 0.0, 1.0, s) + _lf_galaxy(rng, x, y, "disc", *rng.uniform(-2, 2, size=2), rng.uniform(0.2, 0.8), s)
+        img += _lf_galaxy(rng, x, y, "elliptical", 0.0, 0.0, 1.0, size) + _lf_galaxy(rng, x, y, "disc", *rng.uniform(-2, 2, size=2), rng.uniform(0.2, 0.8), size)
     else:
-        img += _lf_galaxy(rng, x, y, t["centre"], *rng.normal(0, 0.1, size=2), 1.0, s)
-    for _ in range(t["n_field"]): img += _lf_object(rng, p, x, y, rng.choice(["elliptical", "disc"]), s)
+        img += _lf_galaxy(rng, x, y, t["centre"], *rng.normal(0, 0.1, size=2), 1.0, size)
+    for _ in range(t["n_field"]): img += _lf_object(rng, p, x, y, rng.choice(["elliptical", "disc"]), size)
     for _ in range(t["n_stars"]): img += _lf_object(rng, p, x, y, "star")
     img = convolve(img, gaussian_psf(t["psf_fwhm"], p.pixel_scale, dtype=dtype, device=dev))
     nrng = np.random.default_rng(t["noise_seed"])
