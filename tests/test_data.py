@@ -67,7 +67,7 @@ BAD = {
     "flattened_with_label": (_flat_label, f"flattened (1, {S}, {S}) image with a label appended", True),
     "4d": (_four_d, "4-D array", True),
     "strings": (_strings, "unicode strings", True),
-    "channel_last": (_channel_last, "channel-last", True),
+    "channel_last_rgb": (_channel_last, f"has shape (3, {S}, {S}) but the rest of the dataset is (1, {S}, {S})", True),
     "npz": (_npz, "not a readable .npy file", True),
 }
 
@@ -80,6 +80,17 @@ def bad_dataset(tmp_path, request):
     bad = root / "b" / "bad.npy"
     write(bad, np.random.default_rng(1))
     return root, bad, digest(root)
+
+
+def test_channel_last_files_read_as_channels_first(tmp_path):
+    "A dataset saved as (H, W, 1) (or (H, W, C)) reads exactly like the same pixels saved as (C, H, W), packed or not."
+    root = make_good(tmp_path / "chw")
+    hwc = tmp_path / "hwc"
+    for rel, a in good_arrays(root).items():
+        (hwc / rel).parent.mkdir(parents=True, exist_ok=True); np.save(hwc / rel, np.moveaxis(a, 0, -1))
+    want = read_all(FolderDataset(root))[0].numpy()
+    np.testing.assert_array_equal(read_all(FolderDataset(hwc))[0].numpy(), want)
+    np.testing.assert_array_equal(read_all(PackedDataset(pack(hwc, tmp_path / "store", progress=False)))[0].numpy(), want)
 
 
 @pytest.mark.parametrize("bad_dataset", list(BAD), indirect=True)

@@ -207,15 +207,16 @@ def test_predict_every_layout(ckpt_t1, tmp_path, cli):
     img = rng.random((64, 64))
     np.save(d / "a_chw_f64.npy", img[None])
     np.save(d / "b_hw_f32.npy", img.astype(np.float32))
+    np.save(d / "b_hw1_f32.npy", img[:, :, None].astype(np.float32))  # channel-last single band
     obj = np.empty(2, dtype=object); obj[0], obj[1] = img, 1e-23  # Model II/III [image, axion mass]
     np.save(tmp_path / "files" / "c_obj.npy", obj, allow_pickle=True)
     r = cli("predict", ckpt_t1, tmp_path / "files", "--out", tmp_path / "p.csv", check=False)
     assert r.returncode == 2 and "allow_pickle" in r.stderr
     cli("predict", ckpt_t1, tmp_path / "files", "--out", tmp_path / "p.csv", "--allow-pickle")
     df = pd.read_csv(tmp_path / "p.csv")
-    assert len(df) == 3
+    assert len(df) == 4
     p = df[["p_no", "p_sphere", "p_vort"]].to_numpy()
-    np.testing.assert_allclose(p[0], p[1], atol=1e-6); np.testing.assert_allclose(p[0], p[2], atol=1e-6)  # same image
+    for i in (1, 2, 3): np.testing.assert_allclose(p[0], p[i], atol=1e-6)  # the same image in every layout
     (tmp_path / "empty").mkdir()
     with pytest.raises(DeployError, match="no .npy files"): find_npy([tmp_path / "empty"])
 

@@ -1,7 +1,7 @@
 """Read one DeepLense `.npy` image with every check, record what was skipped, write toy datasets in the real layouts, and plot images.
 
 Every DeepLense image is one `.npy` file. `read_npy` reads any of the published variants (float64 or float32,
-`(C, H, W)` or `(H, W)`, and, when you opt in, the `[image, number]` object arrays of the axion files) as float32
+`(C, H, W)`, `(H, W)` or channel-last `(H, W, C)`, and, when you opt in, the `[image, number]` object arrays of the axion files) as float32
 `(C, H, W)`, and raises a `BadFileError` naming the file and saying what to do for anything else: non-image arrays,
 truncated or corrupt files, NaN/Inf pixels and constant images. `make_toy_dataset` writes small cartoon datasets in
 the real layouts for examples and tests; `show_batch` plots a grid of images.
@@ -109,10 +109,8 @@ def _image_shape(shape: tuple, dtype: np.dtype, path) -> tuple[int, int, int]:
         raise BadFileError(path, f"is a {nd}-D array of shape {tuple(shape)} (a batch of images?); save one image per "
                                  f"file as (C, H, W) or (H, W)")
     C, H, W = (1, *shape) if nd == 2 else shape
+    if C > _MAX_CHANS and W <= _MAX_CHANS: H, W, C = shape  # channel-last (H, W, C), e.g. (150, 150, 1): `_decode` moves C first
     if C > _MAX_CHANS:
-        if W <= _MAX_CHANS:
-            raise BadFileError(path, f"has shape {tuple(shape)}, which looks channel-last (H, W, C); save it as (C, H, W), "
-                                     f"e.g. np.save(path, np.moveaxis(a, -1, 0))")
         raise BadFileError(path, f"has shape {tuple(shape)}: the first axis (channels) must be at most {_MAX_CHANS}; "
                                  f"save images as (C, H, W) or (H, W)")
     if min(H, W) < 4: raise BadFileError(path, f"has shape {tuple(shape)}, too small to be an image")
@@ -154,6 +152,7 @@ def _decode(path, data: bytes | None = None, *, allow_pickle: bool = False) -> t
     extra = None
     if a.dtype.hasobject: a, extra = _from_object(a, path)
     shape = _image_shape(a.shape, a.dtype, path)
+    if a.ndim == 3 and a.shape != shape: a = np.moveaxis(a, -1, 0)  # channel-last
     return a.reshape(shape).astype(np.float32, copy=False), extra
 
 # %% ../../nbs/031_data.files.ipynb #2e5a4b5b
