@@ -19,7 +19,7 @@ from .core import DeepLenseError, atomic_write, get_device, pid_alive
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'CheckpointError', 'save_checkpoint', 'checkpoint_meta', 'load_checkpoint', 'remove_stale_tmp',
            'register_builder', 'model_builders', 'build_model', 'checkpoint_weights', 'check_run_consistent',
-           'load_model']
+           'load_model', 'save_model']
 
 # %% ../nbs/03a_checkpoint.ipynb #689b1730
 class CheckpointError(DeepLenseError):
@@ -245,3 +245,14 @@ def load_model(ckpt: str | Path, # checkpoint file, or a run folder (uses best.c
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {str(p)!r}: its weights do not fit the model it describes ({str(e).splitlines()[0]}).") from None
     return model.to(get_device(device)).eval(), ck["meta"]
+
+# %% ../nbs/03a_checkpoint.ipynb #7247afb7
+def save_model(path: str | Path, # target file, e.g. run/model.ckpt
+               model: nn.Module, # a model with a `model_config` (every registry and `create_pinn` model has one)
+               **meta, # JSON-able metadata, e.g. config={"classes": [...], "in_chans": 1, "img_size": 150}
+              ) -> Path:
+    "Write a model's weights and the recipe to rebuild it (no training state), for `load_model`, `evaluate` and `predict`."
+    mc = getattr(model, "model_config", None)
+    if mc is None: raise CheckpointError(f"{type(model).__name__} has no model_config, so {str(path)!r} could not be rebuilt; "
+                                         "build models with create_model (or a registered builder).")
+    return save_checkpoint(path, model.state_dict(), meta={"model_config": mc, **meta})

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 from .core import DeepLenseError, amp_dtype, atomic_write, atomic_write_text, get_device
-from .checkpoint import save_checkpoint, load_model
+from .checkpoint import save_model, load_model
 from .data import BadFileError, Resize, natural_key, read_npy
 from .models import MissingDependencyError, WeightsError, create_model, read_state_dict, _match_weights, _fmt
 from .evaluation import WithPreprocessing, load_models, _batch_probs, _meta_classes
@@ -153,9 +153,9 @@ def import_weights(src: str | Path, # weight file: .pt/.pth (plain or wrapped st
                           "settings (--in-chans, --num-classes, --setting), or pass --allow-partial to keep the fresh "
                           "initialisation of what does not fit.\n" + str(report))
     net.load_state_dict(ok, strict=False)
-    meta = {"model_config": net.model_config, "imported_from": str(src), "import_report": asdict(report),
+    meta = {"imported_from": str(src), "import_report": asdict(report),
             "config": {"classes": list(classes) if classes else None, "in_chans": in_chans, "img_size": None}}
-    save_checkpoint(out, net.state_dict(), meta=meta)
+    save_model(out, net, **meta)
     return report
 
 # %% ../nbs/07a_deploy.ipynb #75161a2b

@@ -13,6 +13,7 @@ from .core import DeepLenseError, atomic_write_text, given_settings, read_config
 from .classify import TrainConfig, train_classifier, _check_out, _cli_train as _cli_train_classifier
 from .diffusion.train import train_diffusion
 from .pinn import TruthDataset
+from .checkpoint import save_model
 from .metrics import _jsonable
 from .pinn_compare import compare_physics, physics_metrics
 
@@ -86,7 +87,7 @@ def list_recipes() -> list[dict]:
 
 # %% ../nbs/09b_recipes.ipynb #a3ef5836
 def train_physics(data, # a simulated Task I folder (manifest.json + truth), with train/ and val/
-                  *, out: str | Path = "runs/physics", # run folder for metrics.json
+                  *, out: str | Path = "runs/physics", # run folder: metrics.json and a checkpoint per model (plain.ckpt, KIND.ckpt)
                   kind: str = "twohead", # "twohead" or "lensiformer"
                   backbone: str = "resnet18", # registry backbone
                   epochs: int = 10, batch_size: int = 64, lr: float = 1e-3, wd: float = 1e-2, seed: int = 0,
@@ -99,8 +100,12 @@ def train_physics(data, # a simulated Task I folder (manifest.json + truth), wit
     res = compare_physics(train, valid, kinds=(kind,), backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr, wd=wd,
                           seed=seed, device=device, w_max=w_max, k=k, e0=e0, truth_weight=truth_weight, model_kw=model_kw,
                           n_boot=100, progress=progress)
-    m = {"kind": kind, "backbone": backbone, **physics_metrics(res), "config": _jsonable(res["config"])}
-    Path(out).mkdir(parents=True, exist_ok=True); atomic_write_text(Path(out) / "metrics.json", json.dumps(m, indent=2) + "\n")
+    out, x = Path(out), train[0][0]
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"classes": list(train.classes), "in_chans": int(x.shape[0]), "img_size": int(x.shape[-1])}
+    cks = {n: str(save_model(out / f"{n}.ckpt", mdl, config=info)) for n, mdl in res["models"].items()}  # for evaluate / predict / export
+    m = {"kind": kind, "backbone": backbone, **physics_metrics(res), "checkpoints": cks, "config": _jsonable(res["config"])}
+    atomic_write_text(out / "metrics.json", json.dumps(m, indent=2) + "\n")
     return m
 
 # %% ../nbs/09b_recipes.ipynb #0af7b6a5

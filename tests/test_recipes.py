@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from deeplense_nb.classify import train_classifier
 from deeplense_nb.cli import main
+from deeplense_nb.evaluation import evaluate
 from deeplense_nb.data import RandomFlip, make_toy_dataset
 from deeplense_nb.recipes import RECIPES, TrainConfig, run_recipe
 from deeplense_nb.simulate import get_preset, simulate_task1
@@ -41,7 +42,11 @@ def test_recipe_trains_one_tiny_epoch(name, data, tmp_path):
         assert {k: cfg[k] for k in r.settings if k != "pretrained"} == {k: v for k, v in r.settings.items() if k != "pretrained"}
         assert out["epochs"] == 1
     elif r.trainer == "diffusion": assert len(out.history) == 1
-    else: assert 0 <= out["auc_macro"] <= 1 and out["kind"] == r.settings["kind"]
+    else:
+        assert 0 <= out["auc_macro"] <= 1 and out["kind"] == r.settings["kind"]
+        for name, auc in (("plain", out["baseline_auc_macro"]), (out["kind"], out["auc_macro"])):  # each model saved, usable by evaluate
+            rep = evaluate(tmp_path / "run" / f"{name}.ckpt", data["sim"], split="val", tta=False, device="cpu")
+            assert out["checkpoints"][name] == str(tmp_path / "run" / f"{name}.ckpt") and rep.metrics["auc_macro"] == pytest.approx(auc, abs=1e-6)
 
 def test_recipe_cli(data, tmp_path, capsys):  # in-process: `main` is what the console script calls
     assert main(["recipes"]) == 0
