@@ -15,7 +15,6 @@ import torch.nn as nn
 from torch import Tensor
 import matplotlib.pyplot as plt
 from scipy.stats import wasserstein_distance
-from torchmetrics.functional import structural_similarity_index_measure as ssim
 from ..core import DeepLenseError, check_choice, get_device
 from .frechet import _fid
 
@@ -76,6 +75,7 @@ METRICS_NN = ("l2", "ssim")
 def _distances(qb: Tensor, bank: Tensor, bank_flat: Tensor | None, metric: str) -> Tensor:
     "Distances `(len(qb), len(bank))` in float64: RMS pixel difference (l2) or 1 - SSIM."
     if metric == "l2": return torch.cdist(qb.flatten(1).double(), bank_flat) / math.sqrt(qb[0].numel())
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim  # slow to import: on first use
     return torch.stack([1 - ssim(qq[None].expand(len(bank), -1, -1, -1), bank, data_range=1.0, reduction="none")
                         for qq in qb]).double()
 

@@ -15,7 +15,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
-import torchmetrics.image.fid as tm_fid   # its classes looked up at call time (a test stands in an offline one)
 from ..core import DeepLenseError, get_device, seed_everything
 from ..checkpoint import load_model
 from ..simulate import simulate_batch, get_preset
@@ -122,12 +121,17 @@ def __repr__(self: LensFeatureExtractor) -> str:
     return f"LensFeatureExtractor({self.name!r}, in_chans={self.in_chans}, img_size={self.img_size}, num_features={self.num_features})"
 
 # %% ../../nbs/08e_diffusion_frechet.ipynb #42f14f55
-def _inception_fid(inception_weights: str | Path | None) -> tm_fid.FrechetInceptionDistance:
+def _tm_fid():
+    "torchmetrics' FID module, imported on first use (it imports torchvision and torch._dynamo: seconds); its classes are looked up at call time (a test stands in an offline one)."
+    import torchmetrics.image.fid as m
+    return m
+
+def _inception_fid(inception_weights: str | Path | None) -> Any:
     "torchmetrics' Inception-v3 FID, or an `InceptionUnavailableError` that says what to do instead."
     hint = ("Offline, compute FID with a lensing feature extractor instead: extractor=train_feature_extractor(...) or "
             "LensFeatureExtractor(classifier_or_checkpoint).")
     try:
-        return tm_fid.FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=
+        return _tm_fid().FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=
                                         str(inception_weights) if inception_weights else None)
     except ModuleNotFoundError as e:
         raise InceptionUnavailableError("FID with Inception features needs the torch-fidelity package (pip install torch-fidelity, "
@@ -149,7 +153,7 @@ def get_extractor(extractor: str | Path | nn.Module, # "inception", a LensFeatur
     if not isinstance(extractor, LensFeatureExtractor) and (hasattr(extractor, "forward_features") or
                                                             not isinstance(getattr(extractor, "num_features", None), int)):
         extractor = LensFeatureExtractor(extractor)       # a classifier: use its features, not its logits
-    return tm_fid.FrechetInceptionDistance(feature=extractor, normalize=True), getattr(extractor, "name", type(extractor).__name__)
+    return _tm_fid().FrechetInceptionDistance(feature=extractor, normalize=True), getattr(extractor, "name", type(extractor).__name__)
 
 # %% ../../nbs/08e_diffusion_frechet.ipynb #2925deef
 def _fid(samples, reference, *, extractor, batch_size, device, inception_weights) -> tuple[float, str]:

@@ -15,11 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
-from torchmetrics.functional import structural_similarity_index_measure as ssim
 from tqdm.auto import tqdm
 from ..core import DeepLenseError, check_choice, get_device
 from ..checkpoint import register_builder
 from ..callbacks import amp_dtype
+from ..losses import SSIMLoss
 from .unet import UNet, UNetConfig, build_unet
 
 # %% auto #0
@@ -159,9 +159,9 @@ def forward(self: GaussianDiffusion, x: Tensor, # images `(B, C, H, W)` in [0, 1
     loss = mse = F.mse_loss(out.float(), self.target(x0, t, noise))
     self.last_losses = {"mse": mse.detach()}
     if self.ssim_weight > 0:
-        s = ssim((self.predict_x0(out.float(), xt, t).clamp(-1, 1) + 1) / 2, x.float(), data_range=1.0)
-        loss = loss + self.ssim_weight * (1 - s)
-        self.last_losses["ssim"] = s.detach()
+        d = SSIMLoss(data_range=1.0)((self.predict_x0(out.float(), xt, t).clamp(-1, 1) + 1) / 2, x.float())  # 1 - SSIM
+        loss = loss + self.ssim_weight * d
+        self.last_losses["ssim"] = (1 - d).detach()
     return loss
 
 # %% ../../nbs/08b_diffusion_gaussian.ipynb #c6afd606
