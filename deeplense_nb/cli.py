@@ -56,7 +56,7 @@ def _info(p: argparse.ArgumentParser):
     p.add_argument("--json", action="store_true", help="print JSON instead of aligned text")
     def run(a):
         from deeplense_nb.core import env_info
-        info = env_info(a.device)
+        info = env_info(a.device, import_check=True)  # the diagnostic: a torchvision that does not fit this torch fails here
         if a.json: print(json.dumps(info, indent=2))
         else:
             w = max(map(len, info))

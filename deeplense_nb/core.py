@@ -6,7 +6,7 @@ Docs: https://ml4sci.github.io/deeplense_nb/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #992bca42
 from __future__ import annotations
-import argparse, dataclasses, json, os, random, platform, sys, types
+import argparse, dataclasses, importlib, importlib.metadata, json, os, random, platform, sys, types
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -256,11 +256,13 @@ def config_from_args(cls, ns: argparse.Namespace, base: dict | None = None):
     return cls.from_dict({**(base or {}), **given_settings(cls, ns)})
 
 # %% ../nbs/00_core.ipynb #ad3d0960
-def env_info(device: str = "auto") -> dict:
+def env_info(device: str = "auto",
+             import_check: bool = False, # import torchvision to prove it works with this torch (seconds: it imports torch._dynamo)
+            ) -> dict:
     "Versions of the package, python, torch and torchvision, and the resolved device."
     from deeplense_nb import __version__
     try:
-        import torchvision; tv = torchvision.__version__
+        tv = importlib.import_module("torchvision").__version__ if import_check else importlib.metadata.version("torchvision")
     except Exception as e: tv = f"unavailable ({type(e).__name__}: {e})"
     dev = get_device(device)
     info = {"deeplense_nb": __version__, "python": platform.python_version(), "platform": platform.platform(),

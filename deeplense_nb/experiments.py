@@ -22,7 +22,7 @@ from .evaluation import evaluate
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'DEMO_CPU', 'DEMO_GPU', 'experiments_dir', 'experiment_path', 'parse_value', 'notebook_parameters',
            'run_experiment', 'ExperimentFailed', 'sweep_points', 'sweep', 'cached_simulation', 'task1_data',
-           'cross_validate', 'run_demo']
+           'quick_preset', 'cross_validate', 'run_demo']
 
 # %% ../nbs/11_experiments.ipynb #c7c9f64a
 EXPERIMENTS = {"task1": "task1.ipynb", "lens-finding": "lens_finding.ipynb", "model-zoo": "model_zoo.ipynb",
@@ -163,6 +163,14 @@ def task1_data(data_dir: str | None = None, *, n_train: int = 3000, n_val: int =
         if not p.exists(): raise DeepLenseError(f"data_dir {p} does not exist")
         return p
     return cached_simulation("task1", n_train=n_train, n_val=n_val, seed=seed, preset=preset, dtype="float32", cache=cache)
+
+# %% ../nbs/11_experiments.ipynb #3ae58e10
+def quick_preset(name: str = "model_i", # a simulator preset
+                 npix: int = 64, # pixels a side
+                ) -> S.SimPreset:
+    "Preset `name` at `npix` pixels over the same field of view: the smaller, faster images of the experiments' quick modes."
+    p = S.get_preset(name)
+    return S.get_preset(name, npix=npix, pixel_scale=p.pixel_scale * p.npix / npix)
 
 # %% ../nbs/11_experiments.ipynb #c4219230
 def _cli_run(p):

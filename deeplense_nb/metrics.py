@@ -17,8 +17,8 @@ from sklearn.preprocessing import label_binarize
 from .core import DeepLenseError, check_choice
 
 # %% auto #0
-__all__ = ['FPRS', 'EvaluationError', 'accuracy', 'roc_auc', 'tpr_at_fpr', 'select_threshold', 'bootstrap_auc', 'calibration',
-           'predicted_labels', 'confusion_matrix', 'classification_metrics']
+__all__ = ['FPRS', 'EvaluationError', 'accuracy', 'ovr_aucs', 'roc_auc', 'tpr_at_fpr', 'select_threshold', 'bootstrap_auc',
+           'calibration', 'predicted_labels', 'confusion_matrix', 'classification_metrics']
 
 # %% ../nbs/05a_metrics.ipynb #47b06dae
 class EvaluationError(DeepLenseError):
@@ -74,6 +74,15 @@ def _binary_auc(pos: np.ndarray, # (N,) bool, True for the positive class
     n1 = int(pos.sum()); n0 = len(pos) - n1
     return float((r[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
+# %% ../nbs/05a_metrics.ipynb #13244286
+def ovr_aucs(probs: np.ndarray, # (N, K) class probabilities
+             targets: np.ndarray, # (N,) integer labels
+            ) -> np.ndarray:
+    "One-vs-rest ROC-AUC of every class (`probs[:, k]` scoring `targets == k`); NaN for a class absent from, or alone in, the targets."
+    probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets)
+    pos = [targets == k for k in range(probs.shape[1])]
+    return np.array([_binary_auc(p, probs[:, k]) if 0 < p.sum() < len(p) else np.nan for k, p in enumerate(pos)])
+
 # %% ../nbs/05a_metrics.ipynb #9b8ca56c
 def roc_auc(probs: np.ndarray, # (N, K) class probabilities; K = 2 uses `probs[:, 1]` as the score
             targets: np.ndarray, # (N,) integer labels
@@ -82,7 +91,7 @@ def roc_auc(probs: np.ndarray, # (N, K) class probabilities; K = 2 uses `probs[:
     probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets)
     if len(np.unique(targets)) < 2: return float("nan")
     if probs.shape[1] == 2: return _binary_auc(targets == targets.max(), probs[:, 1])
-    return float(skm.roc_auc_score(targets, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1]))))
+    return float(ovr_aucs(probs, targets).mean())  # macro: NaN when a class is absent
 
 # %% ../nbs/05a_metrics.ipynb #a36931bd
 def tpr_at_fpr(targets: np.ndarray, # binary labels (1 = positive)
@@ -131,8 +140,7 @@ def bootstrap_auc(probs: np.ndarray, # (N, K) probabilities (K = 2: binary, prob
     stats = []
     for _ in range(int(n_boot)):
         i = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
-        if K == 2: stats.append([skm.roc_auc_score(targets[i], probs[i, 1])])
-        else: stats.append(skm.roc_auc_score(targets[i], probs[i], multi_class="ovr", average=None))
+        stats.append([_binary_auc(targets[i] == 1, probs[i, 1])] if K == 2 else ovr_aucs(probs[i], targets[i]))
     stats = np.asarray(stats)
     if K > 2: stats = np.c_[stats.mean(1), stats]  # macro = mean of the per-class one-vs-rest AUCs (as sklearn)
     lo, hi = np.quantile(stats, [(1 - ci) / 2, (1 + ci) / 2], axis=0)
@@ -220,9 +228,9 @@ def _multiclass_metrics(probs: np.ndarray, targets: np.ndarray, counts: np.ndarr
     "One-vs-rest AUC per class, macro and micro; None (with a note) for a class absent from the targets."
     N, K = probs.shape
     present = counts > 0
-    per = [skm.roc_auc_score(targets == k, probs[:, k]) if 0 < counts[k] < N else None for k in range(K)]
-    m = {"auc_per_class": dict(zip(classes, per)), "auc_macro": None}
-    if present.all(): m["auc_macro"] = skm.roc_auc_score(targets, probs, multi_class="ovr", average="macro")
+    per = ovr_aucs(probs, targets)
+    m = {"auc_per_class": {c: _finite(a) for c, a in zip(classes, per)}, "auc_macro": None}
+    if present.all(): m["auc_macro"] = float(per.mean())
     else: notes.append(f"auc_macro is null and auc_per_class is null for {[c for c, p in zip(classes, present) if not p]}: "
                        "one-vs-rest AUC is undefined for a class absent from the targets.")
     m["auc_micro"] = skm.roc_auc_score(label_binarize(targets, classes=list(range(K))), probs, average="micro")

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from torch import Tensor
 from .core import CLASSES_T1, DeepLenseError, check_choice, get_device, seed_everything
-from .metrics import _jsonable, roc_auc
+from .metrics import _jsonable, ovr_aucs
 from .training import Learner
 from .pinn import (LENS_PARAMS, PINN_KINDS, LensEquationLayer, PhysicsObjective, TruthDataset, create_pinn,
                                physics_weight)
@@ -61,12 +61,12 @@ def auc_scores(probs: np.ndarray, # (N, K) probabilities
                targets: np.ndarray, # (N,) integer labels, every class present
                classes: Sequence[str], # class names, for the keys
               ) -> dict:
-    "ROC-AUC one-vs-rest per class (`metrics.roc_auc`) and their mean (macro)."
+    "ROC-AUC one-vs-rest per class (`metrics.ovr_aucs`) and their mean (macro)."
     present = set(np.unique(targets).tolist())
     if present != set(range(len(classes))):
         raise DeepLenseError(f"AUC needs every class in the validation labels; found {sorted(present)} of {len(classes)} classes.")
-    one_vs_rest = lambda i: roc_auc(np.c_[1 - probs[:, i], probs[:, i]], (targets == i).astype(int))  # metrics' one AUC
-    per = {f"auc_{c}": one_vs_rest(i) for i, c in enumerate(classes)} if len(classes) > 2 else {f"auc_{classes[1]}": one_vs_rest(1)}
+    a = ovr_aucs(probs, targets)
+    per = {f"auc_{c}": float(v) for c, v in zip(classes, a)} if len(classes) > 2 else {f"auc_{classes[1]}": float(a[1])}
     return {"auc_macro": float(np.mean(list(per.values()))), **per}
 
 # %% ../nbs/09a_pinn_compare.ipynb #0947e6f2
