@@ -98,6 +98,7 @@ def compare_physics(train: TruthDataset, # training samples (x, y, truth)
                     compact_weight: float = 1.0, # weight of the compactness inside the physics loss
                     model_kw: dict | None = None, # extra `create_pinn` settings (profile, src_npix, ...)
                     n_boot: int = 200, # paired bootstrap resamples for the AUC difference
+                    n_probe: int = 512, # training images (evenly spread) on which the losses before and after training are measured
                     validate_each_epoch: bool = False, # also let the Learner validate every epoch (history)
                     progress: bool = False, # show the Learner's progress output
                    ) -> dict:
@@ -110,6 +111,8 @@ def compare_physics(train: TruthDataset, # training samples (x, y, truth)
     in_chans = int(x0.shape[0])
     e0 = epochs / 3 if e0 is None else e0
     valid_dl = _loader(valid, batch_size, False, seed)
+    probe = np.unique(np.linspace(0, len(train) - 1, min(len(train), n_probe)).round().astype(int))  # spread over the classes
+    probe_dl = _loader(torch.utils.data.Subset(train, probe.tolist()), batch_size, False, seed)  # training losses before/after
     rows, res = [], {"models": {}, "eval": {}, "history": {}, "theta_E": {}}
     torch.optim.AdamW([nn.Parameter(torch.zeros(1))])  # first optimizer of a process imports torch._dynamo: not the first model's time
     for name in ("plain", *kinds):
@@ -127,13 +130,13 @@ def compare_physics(train: TruthDataset, # training samples (x, y, truth)
                                          compact_weight=compact_weight, steps_per_epoch=len(train_dl))
             loss_func = None
         model.to(dev)
-        start = _evaluate(model, _loader(train, batch_size, False, seed), dev)
+        start = _evaluate(model, probe_dl, dev)
         vdl = None if not validate_each_epoch else _loader(
             valid.without_truth() if name == "plain" and hasattr(valid, "without_truth") else valid, batch_size, False, seed)
         learn = Learner(objective, train_dl, vdl, loss_func=loss_func, lr=lr, wd=wd, device=dev, progress=progress)
         t0 = time.time(); learn.fit(epochs); secs = time.time() - t0
         model.eval()
-        end = _evaluate(model, _loader(train, batch_size, False, seed), dev)
+        end = _evaluate(model, probe_dl, dev)
         ev = _evaluate(model, valid_dl, dev)
         row = {"model": name, **auc_scores(ev["probs"], ev["targets"], classes),
                "accuracy": float((ev["probs"].argmax(1) == ev["targets"]).mean()),
@@ -156,7 +159,7 @@ def compare_physics(train: TruthDataset, # training samples (x, y, truth)
     res["config"] = {"kinds": list(kinds), "backbone": backbone, "backbone_kw": backbone_kw, "input_norm": input_norm, "epochs": epochs,
                      "batch_size": batch_size, "lr": lr, "wd": wd, "seed": seed, "device": str(dev), "w_max": w_max,
                      "k": k, "e0": e0, "truth_weight": truth_weight, "compact_weight": compact_weight, "model_kw": model_kw,
-                     "n_train": len(train), "n_valid": len(valid), "classes": list(classes)}
+                     "n_train": len(train), "n_valid": len(valid), "n_probe": len(probe), "classes": list(classes)}
     return res
 
 # %% ../nbs/09a_pinn_compare.ipynb #06afb613
