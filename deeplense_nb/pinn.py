@@ -32,16 +32,17 @@ __all__ = ['LENS_PARAMS', 'PROFILES', 'PARAM_SCALES', 'PINN_KINDS', 'MODEL_KINDS
 
 # %% ../nbs/09_pinn.ipynb #74472688
 LENS_PARAMS = ("theta_E", "x0", "y0", "e1", "e2", "gamma1", "gamma2")
-PROFILES = ("sie", "sis")
-PARAM_SCALES = {"theta_E": 0.25, "x0": 0.1, "y0": 0.1, "e1": 0.1, "e2": 0.1, "gamma1": 0.05, "gamma2": 0.05}
+PROFILES = ("sie", "sis", "sis_sheet")
+PARAM_SCALES = {"theta_E": 0.25, "x0": 0.1, "y0": 0.1, "e1": 0.1, "e2": 0.1, "gamma1": 0.05, "gamma2": 0.05, "kappa": 0.05}
 
-def param_names(profile: str = "sie", # "sie" (elliptical) or "sis" (round)
+def param_names(profile: str = "sie", # "sie" (elliptical), "sis" (round), or "sis_sheet" (round, centred, plus a mass sheet)
                 *, shear: bool = True, # include the external shear (gamma1, gamma2)
                ) -> tuple[str, ...]:
-    "Names of the lens parameters a model with this `profile`/`shear` predicts, in `LENS_PARAMS` order."
+    "Names of the lens parameters a model with this `profile`/`shear` predicts, in `LENS_PARAMS` order (then `kappa`)."
     check_choice("profile", profile, PROFILES)
-    drop = ({"e1", "e2"} if profile == "sis" else set()) | (set() if shear else {"gamma1", "gamma2"})
-    return tuple(n for n in LENS_PARAMS if n not in drop)
+    drop = (({"e1", "e2"} if profile != "sie" else set()) | ({"x0", "y0"} if profile == "sis_sheet" else set())
+            | (set() if shear else {"gamma1", "gamma2"}))
+    return tuple(n for n in LENS_PARAMS if n not in drop) + (("kappa",) if profile == "sis_sheet" else ())
 
 # %% ../nbs/09_pinn.ipynb #e72c438c
 def truth_to_params(truth: dict | Sequence[dict], # truth dict(s) of the simulator (`theta_E, x0, y0, q, phi, gamma1, gamma2`)
@@ -66,6 +67,7 @@ class LensParamBounds(Config):
     center: float = 0.5 # max |x0|, |y0|, arcsec
     ellipticity: float = 0.5 # max |e1|, |e2|
     shear: float = 0.3 # max |gamma1|, |gamma2|
+    kappa: float = 0.3 # max |kappa| of the uniform mass sheet (profile "sis_sheet")
 
     def __post_init__(self):
         lo, hi = self.theta_E
@@ -82,8 +84,8 @@ class LensParamHead(nn.Module):
                 ):
         super().__init__()
         self.names = tuple(names)
-        bad = [n for n in self.names if n not in LENS_PARAMS]
-        if bad: raise DeepLenseError(f"unknown lens parameter(s) {bad}; known: {', '.join(LENS_PARAMS)}")
+        bad = [n for n in self.names if n not in (*LENS_PARAMS, "kappa")]
+        if bad: raise DeepLenseError(f"unknown lens parameter(s) {bad}; known: {', '.join(LENS_PARAMS)}, kappa")
         self.bounds = LensParamBounds.from_dict(bounds) if isinstance(bounds, dict) else (bounds or LensParamBounds())
         self.mlp = nn.Sequential(nn.Linear(num_features, hidden), nn.GELU(), nn.Linear(hidden, len(self.names)))
         nn.init.normal_(self.mlp[-1].weight, std=1e-3); nn.init.zeros_(self.mlp[-1].bias)
@@ -95,7 +97,7 @@ class LensParamHead(nn.Module):
             r = raw[:, i]
             if n == "theta_E": cols.append(b.theta_E[0] + (b.theta_E[1] - b.theta_E[0]) * torch.sigmoid(r))
             else: cols.append({"x0": b.center, "y0": b.center, "e1": b.ellipticity, "e2": b.ellipticity,
-                               "gamma1": b.shear, "gamma2": b.shear}[n] * torch.tanh(r))
+                               "gamma1": b.shear, "gamma2": b.shear, "kappa": b.kappa}[n] * torch.tanh(r))
         return torch.stack(cols, 1)
 
     def forward(self, features: Tensor) -> Tensor:
@@ -112,17 +114,19 @@ def deflection(x: Tensor, y: Tensor, # image-plane pixel coordinates (H, W), arc
                params: Tensor, # lens parameters (B, P), in the order of `names`
                *, names: Sequence[str] = LENS_PARAMS, # which parameters `params` holds
               ) -> tuple[Tensor, Tensor]:
-    "Deflection `(alpha_x, alpha_y)`, each `(B, H, W)` arcsec, of the SIE or SIS (+ external shear) in `params`."
+    "Deflection `(alpha_x, alpha_y)`, each `(B, H, W)` arcsec, of the SIE or SIS (+ external shear, + mass sheet) in `params`."
     p = _columns(params, names)
     x0, y0 = p.get("x0", 0.0), p.get("y0", 0.0)
     if "e1" in p:   # the macro model of `physics.smooth_lens_image`
         q, phi = ellipticity_to_q_phi(p["e1"], p["e2"])
-        return alpha_sie_shear(x, y, theta_E=p["theta_E"], q=q, phi=phi, x0=x0, y0=y0,
-                               gamma1=p.get("gamma1", 0.0), gamma2=p.get("gamma2", 0.0))
-    ax, ay = alpha_sis(x, y, theta_E=p["theta_E"], x0=x0, y0=y0)
-    if "gamma1" in p:
-        sx, sy = alpha_shear(x, y, gamma1=p["gamma1"], gamma2=p["gamma2"], x0=x0, y0=y0)
-        ax, ay = ax + sx, ay + sy
+        ax, ay = alpha_sie_shear(x, y, theta_E=p["theta_E"], q=q, phi=phi, x0=x0, y0=y0,
+                                 gamma1=p.get("gamma1", 0.0), gamma2=p.get("gamma2", 0.0))
+    else:
+        ax, ay = alpha_sis(x, y, theta_E=p["theta_E"], x0=x0, y0=y0)
+        if "gamma1" in p:
+            sx, sy = alpha_shear(x, y, gamma1=p["gamma1"], gamma2=p["gamma2"], x0=x0, y0=y0)
+            ax, ay = ax + sx, ay + sy
+    if "kappa" in p: ax, ay = ax + p["kappa"] * (x - x0), ay + p["kappa"] * (y - y0)  # uniform sheet: alpha = kappa * theta
     return ax, ay
 
 # %% ../nbs/09_pinn.ipynb #c06b0d51
@@ -176,7 +180,7 @@ class LensEquationLayer(nn.Module):
     def __init__(self, *, pixel_scale: float = 0.05, # image arcsec per pixel (Task I: 0.05)
                  src_npix: int = 64, # source-grid pixels per side
                  src_pixel_scale: float = 0.04, # source-grid arcsec per pixel
-                 profile: str = "sie", # "sie" or "sis"
+                 profile: str = "sie", # "sie", "sis" or "sis_sheet" (see `param_names`)
                  shear: bool = True, # include external shear
                  eps: float = 1e-3, # splat weight below which a source pixel is empty
                 ):
@@ -410,9 +414,10 @@ def truth_loss(params: Tensor, # predicted lens parameters (B, P)
     "Smooth-L1 loss of predicted against true lens parameters, each scaled by `PARAM_SCALES`."
     if truth.ndim != 2 or truth.shape[1] != len(LENS_PARAMS):
         raise DeepLenseError(f"truth must have shape (B, {len(LENS_PARAMS)}) in the order {LENS_PARAMS}; got {tuple(truth.shape)}.")
-    idx = [LENS_PARAMS.index(n) for n in names]
+    zero = torch.zeros_like(truth[:, 0])  # kappa: the simulated lenses have no mass sheet
+    target = torch.stack([truth[:, LENS_PARAMS.index(n)] if n in LENS_PARAMS else zero for n in names], 1).to(params)
     scale = torch.tensor([PARAM_SCALES[n] for n in names], device=params.device, dtype=params.dtype)
-    return F.smooth_l1_loss(params / scale, truth[:, idx].to(params) / scale)
+    return F.smooth_l1_loss(params / scale, target / scale)
 
 # %% ../nbs/09_pinn.ipynb #5df09d55
 class PhysicsObjective(nn.Module):
