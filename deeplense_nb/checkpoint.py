@@ -249,10 +249,13 @@ def load_model(ckpt: str | Path, # checkpoint file, or a run folder (uses best.c
 # %% ../nbs/03a_checkpoint.ipynb #7247afb7
 def save_model(path: str | Path, # target file, e.g. run/model.ckpt
                model: nn.Module, # a model with a `model_config` (every registry and `create_pinn` model has one)
-               **meta, # JSON-able metadata, e.g. config={"classes": [...], "in_chans": 1, "img_size": 150}
+               *, classes: list | None = None, # class names, in the order of the model's outputs
+               in_chans: int | None = None, img_size: int | None = None, # the input the model was trained on
+               **meta, # further JSON-able metadata
               ) -> Path:
-    "Write a model's weights and the recipe to rebuild it (no training state), for `load_model`, `evaluate` and `predict`."
+    "Write a model's weights and the recipe to rebuild it (no training state), for `load_model`, `evaluate`, `predict` and `export`."
     mc = getattr(model, "model_config", None)
     if mc is None: raise CheckpointError(f"{type(model).__name__} has no model_config, so {str(path)!r} could not be rebuilt; "
                                          "build models with create_model (or a registered builder).")
-    return save_checkpoint(path, model.state_dict(), meta={"model_config": mc, **meta})
+    cfg = {"classes": list(classes) if classes else None, "in_chans": in_chans, "img_size": img_size}  # where readers look
+    return save_checkpoint(path, model.state_dict(), meta={"model_config": mc, "config": cfg, **meta})

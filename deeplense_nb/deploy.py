@@ -153,9 +153,7 @@ def import_weights(src: str | Path, # weight file: .pt/.pth (plain or wrapped st
                           "settings (--in-chans, --num-classes, --setting), or pass --allow-partial to keep the fresh "
                           "initialisation of what does not fit.\n" + str(report))
     net.load_state_dict(ok, strict=False)
-    meta = {"imported_from": str(src), "import_report": asdict(report),
-            "config": {"classes": list(classes) if classes else None, "in_chans": in_chans, "img_size": None}}
-    save_model(out, net, **meta)
+    save_model(out, net, classes=classes, in_chans=in_chans, imported_from=str(src), import_report=asdict(report))
     return report
 
 # %% ../nbs/07a_deploy.ipynb #75161a2b

@@ -84,8 +84,8 @@ class LensParamHead(nn.Module):
                 ):
         super().__init__()
         self.names = tuple(names)
-        bad = [n for n in self.names if n not in (*LENS_PARAMS, "kappa")]
-        if bad: raise DeepLenseError(f"unknown lens parameter(s) {bad}; known: {', '.join(LENS_PARAMS)}, kappa")
+        bad = [n for n in self.names if n not in PARAM_SCALES]  # every parameter a head can predict has a scale
+        if bad: raise DeepLenseError(f"unknown lens parameter(s) {bad}; known: {', '.join(PARAM_SCALES)}")
         self.bounds = LensParamBounds.from_dict(bounds) if isinstance(bounds, dict) else (bounds or LensParamBounds())
         self.mlp = nn.Sequential(nn.Linear(num_features, hidden), nn.GELU(), nn.Linear(hidden, len(self.names)))
         nn.init.normal_(self.mlp[-1].weight, std=1e-3); nn.init.zeros_(self.mlp[-1].bias)

@@ -104,7 +104,7 @@ def train_physics(data, # a simulated Task I folder (manifest.json + truth), wit
     out, x = Path(out), train[0][0]
     out.mkdir(parents=True, exist_ok=True)
     info = {"classes": list(train.classes), "in_chans": int(x.shape[0]), "img_size": int(x.shape[-1])}
-    cks = {n: str(save_model(out / f"{n}.ckpt", mdl, config=info)) for n, mdl in res["models"].items()}  # for evaluate / predict / export
+    cks = {n: str(save_model(out / f"{n}.ckpt", mdl, **info)) for n, mdl in res["models"].items()}  # for evaluate / predict / export
     m = {"kind": kind, "backbone": backbone, **physics_metrics(res), "checkpoints": cks, "config": _jsonable(res["config"])}
     atomic_write_text(out / "metrics.json", json.dumps(m, indent=2) + "\n")
     return m
