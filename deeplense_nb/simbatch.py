@@ -59,6 +59,7 @@ class SimPreset(Config):
     vort_n: int = 100                    # point masses along the vortex
     vort_log_ma: tuple = (-24.0, -22.0)  # log10 axion mass / eV; half-length = vort_len_scale * 1e-22 / m_a
     vort_len_scale: float = 0.03         # arcsec
+    vort_offset: float = 0.0             # vortex centre this far (uniform in [0, vort_offset] arcsec, random direction) from the lens centre; 0 = through the centre (the recipe)
     softening: float = 0.01              # point-mass softening, arcsec
     classes: tuple = CLASSES_T1
 
@@ -190,7 +191,8 @@ def poisson_counts(lam: Tensor, # expected counts (>= 0), any shape
 
 # %% ../nbs/01a_simbatch.ipynb #6477ceae
 _DRAWS = {k: i for i, k in enumerate(("halo_mass", "theta_E", "q", "phi", "shear", "shear_phi", "x0", "y0", "src_x", "src_y",
-                                      "src_R_e", "src_n", "src_q", "src_phi", "peak_counts", "vort_log_ma", "vort_angle"))}
+                                      "src_R_e", "src_n", "src_q", "src_phi", "peak_counts", "vort_log_ma", "vort_angle",
+                                      "vort_r", "vort_dir"))}   # new draws go last: earlier images keep their values
 _SUB_DRAWS = 1000   # subhalo j: draws 1000 + 3j (mass), + 1 (radius), + 2 (angle)
 
 @lru_cache(maxsize=64)
@@ -235,6 +237,8 @@ def sample_truth_batch(preset: str | SimPreset = "model_i",
              sub_x=t["x0"][:, None] + r * torch.cos(a), sub_y=t["y0"][:, None] + r * torch.sin(a))
     t["vort_log_ma"] = _uni(d("vort_log_ma"), p.vort_log_ma)
     t.update(vort_length=2 * p.vort_len_scale * 10 ** (-22 - t["vort_log_ma"]), vort_angle=_uni(d("vort_angle"), (0, math.pi)))
+    r, a = p.vort_offset * d("vort_r"), _uni(d("vort_dir"), (0, 2 * math.pi))
+    t.update(vort_x=t["x0"] + r * torch.cos(a), vort_y=t["y0"] + r * torch.sin(a))
     dev = get_device(device) if device is not None else torch.device("cpu")
     return {"label": labels, "index": index, "key": key.to(dev), **{k: v.to(dev) for k, v in t.items()}}
 
@@ -252,7 +256,7 @@ def _substructure(t: dict, p: SimPreset, x: Tensor, y: Tensor) -> tuple[Tensor, 
             xs, ys = t["sub_x"][idx], t["sub_y"][idx]
         else:
             xs, ys = vortex_positions(t["vort_length"][idx], t["vort_angle"][idx], n=p.vort_n,
-                                      x0=t["x0"][idx, None], y0=t["y0"][idx, None])
+                                      x0=t["vort_x"][idx, None], y0=t["vort_y"][idx, None])
             te = torch.full_like(xs, _theta_E_pm(p.vort_mass / p.vort_n, p.z_l, p.z_s))
         bx, by = alpha_point_masses(x, y, theta_E=te, xs=xs, ys=ys, s=p.softening)  # no grad: physics' cache-blocked path
         ax.index_copy_(0, idx, bx); ay.index_copy_(0, idx, by)

@@ -66,7 +66,10 @@ def sample_truth(p: SimPreset, cls: str, rng: np.random.Generator) -> dict:
     elif cls == "vort":
         log_ma = float(rng.uniform(*p.vort_log_ma))
         t.update(vort_log_ma=log_ma, vort_length=2 * p.vort_len_scale * 10 ** (-22 - log_ma),
-                 vort_angle=float(rng.uniform(0, math.pi)), vort_mass=p.vort_mass)
+                 vort_angle=float(rng.uniform(0, math.pi)), vort_mass=p.vort_mass, vort_x=t["x0"], vort_y=t["y0"])
+        if p.vort_offset:   # drawn only when asked: the recipe's images keep their random stream
+            r, a = p.vort_offset * rng.uniform(), rng.uniform(0, 2 * math.pi)
+            t.update(vort_x=t["x0"] + r * math.cos(a), vort_y=t["y0"] + r * math.sin(a))
     return t
 
 # %% ../nbs/02_simulate.ipynb #36c3fd88
@@ -83,7 +86,7 @@ def _substructure(truth, p: SimPreset, dev, dt):
             rows.append((te, torch.tensor(t["sub_x"], dtype=torch.float64), torch.tensor(t["sub_y"], dtype=torch.float64)))
         elif "vort_length" in t:
             xs, ys = vortex_positions(torch.tensor(t["vort_length"], dtype=torch.float64), torch.tensor(t["vort_angle"], dtype=torch.float64),
-                                      n=p.vort_n, x0=t["x0"], y0=t["y0"])
+                                      n=p.vort_n, x0=t.get("vort_x", t["x0"]), y0=t.get("vort_y", t["y0"]))
             te = torch.full((p.vort_n,), _theta_E_pm(t["vort_mass"] / p.vort_n, p.z_l, p.z_s), dtype=torch.float64)
             rows.append((te, xs, ys))
         else: rows.append(None)
@@ -280,7 +283,7 @@ ENGINES = ("batched", "per-image")
 
 def _rows(t: dict, keys: tuple, p, lf: bool = False) -> list[dict]:
     "Per-image truth dicts (JSON-ready) from a batch of `simbatch` truth, with the keys of the per-image samplers."
-    extra = () if lf else ("sub_mass", "sub_x", "sub_y", "vort_log_ma", "vort_length", "vort_angle")
+    extra = () if lf else ("sub_mass", "sub_x", "sub_y", "vort_log_ma", "vort_length", "vort_angle", "vort_x", "vort_y")
     cols = {k: t[k].cpu().tolist() for k in (*keys, "index", *extra)}   # one copy per column, not one per image
     rows = []
     for i, lab in enumerate(t["label"].tolist()):
@@ -288,7 +291,8 @@ def _rows(t: dict, keys: tuple, p, lf: bool = False) -> list[dict]:
         if not lf and r["label"] == "sphere": r.update({k: cols[k][i] for k in ("sub_mass", "sub_x", "sub_y")})
         if not lf and r["label"] == "vort":
             r.update(vort_log_ma=float(cols["vort_log_ma"][i]), vort_length=float(cols["vort_length"][i]),
-                     vort_angle=float(cols["vort_angle"][i]), vort_mass=p.vort_mass)
+                     vort_angle=float(cols["vort_angle"][i]), vort_mass=p.vort_mass,
+                     vort_x=float(cols["vort_x"][i]), vort_y=float(cols["vort_y"][i]))
         rows.append(r)
     return rows
 
