@@ -355,9 +355,10 @@ def test_packed_memory_modes_agree(tmp_path):
     res = pack(make_toy_dataset(tmp_path / "t2", layout="task2", n_per_class=3, img_size=S), tmp_path / "s", progress=False)
     idx = [5, 0, 3, 3, 11]
     ref = PackedDataset(res)[idx]
-    for kw in ({"in_memory": True}, {"device": "cpu"}):
-        x, y = PackedDataset(res, **kw)[idx]
-        assert torch.equal(x, ref[0]) and torch.equal(y, ref[1])
+    x, y = PackedDataset(res, in_memory=True)[idx]
+    assert torch.equal(x, ref[0]) and torch.equal(y, ref[1])
+    x, y = D.DeviceData(PackedDataset(res), "cpu").take(torch.tensor(idx))   # held as one tensor: the device path
+    assert torch.equal(x, ref[0]) and torch.equal(y, ref[1])
     test = PackedDataset(res, split="test", in_memory=True)
     assert set(test.split_of) == {"test"} and all(f.startswith("test_") for f in test.files)
     with pytest.raises(DataError, match="expected one of 'train', 'test'"): PackedDataset(res, split="val")
@@ -417,7 +418,7 @@ def test_balance_reaches_ratio(tmp_path):
 def test_loader_on_device_and_workers(tmp_path):
     store = pack(make_good(tmp_path / "ds", n=8), tmp_path / "s", progress=False)
     dls = get_dataloaders(store, batch_size=4, device="cpu")
-    assert dls.train.dataset.device == torch.device("cpu") and dls.train.one_batch()[0].device.type == "cpu"
+    assert dls.train.device == torch.device("cpu") and dls.train.one_batch()[0].device.type == "cpu"
     dlw = get_dataloaders(store, batch_size=4, num_workers=2, augment=False)
     ref = get_dataloaders(store, batch_size=4, augment=False)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(dlw.train, ref.train))  # same batches with worker processes

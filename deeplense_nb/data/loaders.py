@@ -144,9 +144,6 @@ class BatchLoader:
                 ):
         if batch_size < 1: raise DataError(f"batch_size={batch_size!r} must be >= 1.")
         if num_workers < 0: raise DataError(f"num_workers={num_workers!r} must be >= 0.")
-        held = getattr(dataset, "device", None)
-        if held is not None and held.type != "cpu" and num_workers:
-            raise DataError(f"The dataset is held on {held}; worker processes cannot read it. Use num_workers=0.")
         self.dataset, self.batch_size, self.drop_last, self.batch_tfm = dataset, batch_size, drop_last, batch_tfm
         self.device = get_device(device) if device is not None else None
         if sampler is None:
@@ -155,7 +152,7 @@ class BatchLoader:
         self.sampler = sampler
         self.batch_sampler = BatchSampler(sampler, batch_size, drop_last)
         batches = _SortedBatches(self.batch_sampler) if sort_batches else self.batch_sampler
-        pin = (self.device is not None and self.device.type == "cuda" and held is None) if pin_memory is None else pin_memory
+        pin = (self.device is not None and self.device.type == "cuda") if pin_memory is None else pin_memory
         self.dl = DataLoader(dataset, batch_size=None, sampler=batches, num_workers=num_workers, pin_memory=pin,
                              worker_init_fn=_seed_worker if num_workers else None, persistent_workers=num_workers > 0,
                              generator=torch.Generator().manual_seed(seed))
@@ -309,7 +306,7 @@ def get_dataloaders(data: str | os.PathLike, # dataset folder (real or simulated
     if epoch_size is not None: raise DataError(f"epoch_size applies to simulated sources (sim:<preset>), not to {data}.")
     store = _is_store(data)
     check_choice("device_data", device_data, ("auto", "on", "off"), error=DataError)
-    full = (PackedDataset(data, in_memory=in_memory, device=dev if device_data == "off" else None) if store else
+    full = (PackedDataset(data, in_memory=in_memory) if store else
             open_dataset(data, on_error=on_error, allow_pickle=allow_pickle, layout=layout))
     _check_task(task, full, data)
     train, valid, test = _parts(full, val_frac, seed, folds, fold)

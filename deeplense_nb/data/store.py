@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 from tqdm import tqdm
-from ..core import check_choice, fsync_dir, get_device, pid_alive
+from ..core import check_choice, fsync_dir, pid_alive
 from .files import (LAYOUTS, BadFileError, DataError, SkipReport, Skipped, StoreError, _check_values,
                                      _decode, _npy_header, _print_report)
 from .folders import FolderDataset, Layout, _Images, _index_files, scan_layout
@@ -249,11 +249,10 @@ def pack(root: str | os.PathLike, # dataset folder (any supported layout)
 
 # %% ../../nbs/033_data.store.ipynb #a5440f33
 class PackedDataset(_Images):
-    "A packed store read through `np.memmap` (or held in RAM, or on a GPU as one tensor)."
+    "A packed store read through `np.memmap` (or held in RAM)."
     def __init__(self, store: str | os.PathLike, # store folder written by `pack`
                  *, split: str | None = None, # one split only; None = all
                  in_memory: bool = False, # read the whole (selected) array into RAM
-                 device: str | torch.device | None = None, # hold the data as one tensor on this device; batches are produced there
                  transform: Callable | None = None, # applied to x: an image (C, H, W) or a batch (B, C, H, W)
                 ):
         self.store = _store_dir(store).resolve()
@@ -263,18 +262,14 @@ class PackedDataset(_Images):
         labels, codes = np.load(self.store / "labels.npy"), np.load(self.store / "splits.npy")
         self._setup(classes=ix["classes"], shape=ix["shape"], labels=labels,
                     splits=np.asarray(ix["split_names"])[codes], transform=transform)
-        self._mm, self._data, self._xt, self._yt, self.device = None, None, None, None, None
+        self._mm, self._data = None, None
         self._src = np.arange(len(self._labels))  # store row of every internal position
         if split is not None: self.rows = np.flatnonzero(self._splits == check_choice("split", split, self.split_names, error=DataError))
-        if in_memory or device is not None:
+        if in_memory:
             rows = self.rows
             data = np.array(self._memmap()) if len(rows) == len(self._labels) else np.ascontiguousarray(self._memmap()[rows])
             self._labels, self._splits, self._src = self._labels[rows], self._splits[rows], self._src[rows]
-            self.rows, self._mm = np.arange(len(rows)), None
-            if device is None: self._data = data
-            else:
-                self.device = get_device(device)
-                self._xt, self._yt = torch.from_numpy(data).to(self.device), torch.from_numpy(self._labels).to(self.device)
+            self.rows, self._mm, self._data = np.arange(len(rows)), None, data
 
     def _memmap(self) -> np.memmap:
         if self._mm is None:
@@ -293,9 +288,6 @@ class PackedDataset(_Images):
         return [fl[s]["path"] for s in self._src[self.rows]]
 
     def _load(self, rows):
-        if self._xt is not None:
-            r = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self._xt.device)
-            return self._xt[r].float(), self._yt[r]
         if self._data is not None: x = self._data[rows]
         elif len(rows) > 1 and bool((np.diff(rows) < 0).any()):  # one gather in file order, then back to the requested order
             o = np.argsort(rows, kind="stable"); x = np.empty((len(rows), *self.shape), self.dtype)
@@ -309,7 +301,7 @@ class PackedDataset(_Images):
         return d
 
     def __repr__(self):
-        where = f"on {self.device}" if self.device is not None else ("in RAM" if self._data is not None else "memmap")
+        where = "in RAM" if self._data is not None else "memmap"
         return (f"PackedDataset({self.layout}: {len(self)} images {self.shape} {self.dtype} {where}, classes={self.classes}, "
                 f"splits={list(self.split_names)}, store={self.store.name})")
 
@@ -342,13 +334,12 @@ def open_dataset(data: str | os.PathLike, # dataset folder or packed store
                  allow_pickle: bool = False, # folders: read [image, number] object arrays (pickle can execute code)
                  layout: str | None = None, # folders: force one of LAYOUTS
                  in_memory: bool = False, # stores: read into RAM
-                 device: str | torch.device | None = None, # stores: hold on this device as one tensor
                  transform: Callable | None = None, # applied to x (an image or a batch)
                 ) -> FolderDataset | PackedDataset:
     "A torch Dataset for a dataset folder (`FolderDataset`) or a packed store (`PackedDataset`)."
     check_choice("on_error", on_error, ("raise", "skip"), error=DataError)
-    if _is_store(data): return PackedDataset(data, split=split, in_memory=in_memory, device=device, transform=transform)
-    if in_memory or device is not None:
-        raise DataError(f"in_memory/device need a packed store; {data} is a dataset folder. Pack it first: "
+    if _is_store(data): return PackedDataset(data, split=split, in_memory=in_memory, transform=transform)
+    if in_memory:
+        raise DataError(f"in_memory needs a packed store; {data} is a dataset folder. Pack it first: "
                         f"pack({str(data)!r}, STORE) or `deeplense pack {data} --out STORE`.")
     return FolderDataset(data, split=split, layout=layout, on_error=on_error, allow_pickle=allow_pickle, transform=transform)
