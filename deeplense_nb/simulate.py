@@ -268,13 +268,17 @@ def _writing(out: str | Path, overwrite: bool):
         finally: shutil.rmtree(tmp, ignore_errors=True)
 
 # %% ../nbs/02_simulate.ipynb #284c81c6
+def _manifest(task: str, preset: Config, seed: int, counts: dict, dtype: str, engine: str) -> dict:
+    "What a simulated set records about how it was made (in `manifest.json`, or in a store's index)."
+    return dict(format="deeplense_nb.simulate/1", task=task, generator=f"deeplense_nb {_version()}", engine=engine, seed=seed,
+                preset=preset.to_dict(), classes=list(preset.classes), counts=counts, dtype=dtype, truth_file=TRUTH,
+                images=sum(sum(c.values()) for c in counts.values()))
+
 def _write_manifest(out: Path, task: str, preset: Config, seed: int, counts: dict, dtype: str, rows: list[dict], elapsed: float,
                     engine: str = "batched"):
     with open(out / TRUTH, "w") as f:
         for r in rows: f.write(json.dumps(r, default=float) + "\n")
-    man = dict(format="deeplense_nb.simulate/1", task=task, generator=f"deeplense_nb {_version()}", engine=engine, seed=seed,
-               preset=preset.to_dict(), classes=list(preset.classes), counts=counts, dtype=dtype, truth_file=TRUTH,
-               images=sum(sum(c.values()) for c in counts.values()))
+    man = _manifest(task, preset, seed, counts, dtype, engine)
     atomic_write_text(out / MANIFEST, json.dumps(man, indent=2) + "\n")
     return man
 

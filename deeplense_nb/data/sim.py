@@ -15,10 +15,10 @@ import torch
 from tqdm.auto import tqdm
 from ..core import check_choice, get_device
 from ..simbatch import LensFindingPreset, resolve_preset, simulate_images
-from ..simulate import (ENGINES, TRUTH, _cli_simulate as _cli_simulate_files, _version, get_preset,
+from ..simulate import (ENGINES, TRUTH, _cli_simulate as _cli_simulate_files, _manifest, get_preset,
                                    lens_finding_batches, lens_finding_counts, task1_batches, task1_counts)
 from .files import DataError
-from .store import PackResult, _STORE_FORMAT, _STORE_VERSION, _commit_store, _is_store, _result, _store_tmp
+from .store import PackResult, _STORE_VERSION, _commit_store, _is_store, _result, _store_tmp
 
 # %% auto #0
 __all__ = ['SIM_PREFIX', 'simulate_to_store', 'SimSource', 'SimStream', 'is_sim_source', 'sim_source']
@@ -72,17 +72,12 @@ def simulate_to_store(out: str | os.PathLike, # store folder to create
     try:
         with tqdm(total=n, desc=f"simulate {p.name} -> store", unit="img", disable=not progress) as bar:
             files, labels, splits = _write_images(tmp, batches, split_of, p.classes, dtype, bar)
-        names = [s for s in dict.fromkeys(splits)]
-        man = dict(format="deeplense_nb.simulate/1", task="task1" if what == "task1" else "lens_finding", generator=f"deeplense_nb {_version()}",
-                   engine=engine, seed=seed, preset=p.to_dict(), classes=list(p.classes), counts=man_counts, dtype=dtype, truth_file=TRUTH, images=n)
-        shape = [1 if what == "task1" else 3, p.npix, p.npix]
-        ix = {"format": _STORE_FORMAT, "version": _STORE_VERSION, "complete": True, "n": n, "shape": shape, "dtype": dtype,
-              "layout": layout, "classes": list(p.classes), "split_names": names,
-              "source": {"root": None, "simulated": True, "fingerprint": None, "n_files": 0},
-              "settings": {"store_version": _STORE_VERSION, "dtype": dtype, "layout": layout, "engine": engine},
-              "manifest": man, "skipped": [], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pack_seconds": round(time.time() - t0, 3),
-              "files": [{"path": f, "label": l, "split": s, "sha1": None} for f, l, s in zip(files, labels, splits)]}
-        _commit_store(tmp, out, ix, np.asarray(labels, dtype=np.int64), np.array([names.index(s) for s in splits], dtype=np.int8))
+        man = _manifest("task1" if what == "task1" else "lens_finding", p, seed, man_counts, dtype, engine)
+        ix = _commit_store(tmp, out, t0=t0, files=files, labels=labels, splits=splits, split_names=list(dict.fromkeys(splits)),
+                           sha1s=[None] * n, shape=[1 if what == "task1" else 3, p.npix, p.npix], dtype=dtype, layout=layout,
+                           classes=list(p.classes), source={"root": None, "simulated": True, "fingerprint": None, "n_files": 0},
+                           settings={"store_version": _STORE_VERSION, "dtype": dtype, "layout": layout, "engine": engine},
+                           manifest=man, skipped=[])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
     return _result(out, ix, False, t0)

@@ -181,9 +181,14 @@ def _store_tmp(out: Path) -> Path:
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(); return tmp
 
-def _commit_store(tmp: Path, out: Path, ix: dict, labels: np.ndarray, codes: np.ndarray) -> None:
-    "Write labels, split codes and index.json into `tmp` (images.bin already there) and swap it into place as `out`."
-    np.save(tmp / "labels.npy", labels); np.save(tmp / "splits.npy", codes)
+def _commit_store(tmp: Path, out: Path, *, t0: float, files: list[str], labels, splits, split_names: list[str],
+                  sha1s: list, **fields) -> dict:
+    "Write labels, split codes and index.json (`fields` plus one row per file) into `tmp` (images.bin already there), swap it into place as `out`; returns the index."
+    ix = {"format": _STORE_FORMAT, "version": _STORE_VERSION, "complete": True, "n": len(files), **fields, "split_names": split_names,
+          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pack_seconds": round(time.time() - t0, 3),
+          "files": [{"path": f, "label": int(l), "split": str(s), "sha1": h} for f, l, s, h in zip(files, labels, splits, sha1s)]}
+    np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
+    np.save(tmp / "splits.npy", np.array([split_names.index(s) for s in splits], dtype=np.int8))
     with open(tmp / "index.json", "w") as f:
         json.dump(ix, f, indent=1); f.write("\n"); f.flush(); os.fsync(f.fileno())
     fsync_dir(tmp)
@@ -192,6 +197,7 @@ def _commit_store(tmp: Path, out: Path, ix: dict, labels: np.ndarray, codes: np.
         os.replace(out, trash); os.replace(tmp, out); shutil.rmtree(trash, ignore_errors=True)
     else: os.replace(tmp, out)
     fsync_dir(out.parent)
+    return ix
 
 # %% ../../nbs/033_data.store.ipynb #6da2940f
 def pack(root: str | os.PathLike, # dataset folder (any supported layout)
@@ -227,16 +233,10 @@ def pack(root: str | os.PathLike, # dataset folder (any supported layout)
                                   on_error=on_error, report=report, progress=progress,
                                   workers=workers or min(4, os.cpu_count() or 1))
         if not rows: raise DataError(f"Nothing to pack in {root}: every file was skipped.\n{report}")
-        split_names = list(lay.split_names)
-        codes = np.array([split_names.index(s) for s in lay.splits[rows]], dtype=np.int8)
-        ix = {"format": _STORE_FORMAT, "version": _STORE_VERSION, "complete": True, "n": len(rows), "shape": list(shape),
-              "dtype": dtype, "layout": lay.kind, "classes": lay.classes, "split_names": split_names,
-              "source": {"root": str(root), "fingerprint": fp, "n_files": len(lay.files)}, "settings": settings,
-              "manifest": _read_manifest(root), "skipped": report.to_json(),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pack_seconds": round(time.time() - t0, 3),
-              "files": [{"path": lay.files[r], "label": int(lay.labels[r]), "split": str(lay.splits[r]), "sha1": s}
-                        for r, s in zip(rows, sums)]}
-        _commit_store(tmp, out, ix, lay.labels[rows], codes)
+        ix = _commit_store(tmp, out, t0=t0, files=[lay.files[r] for r in rows], labels=lay.labels[rows], splits=lay.splits[rows],
+                           split_names=list(lay.split_names), sha1s=sums, shape=list(shape), dtype=dtype, layout=lay.kind,
+                           classes=lay.classes, source={"root": str(root), "fingerprint": fp, "n_files": len(lay.files)},
+                           settings=settings, manifest=_read_manifest(root), skipped=report.to_json())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
