@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from .core import DeepLenseError, amp_dtype, atomic_write, atomic_write_text, get_device
+from .core import DeepLenseError, _json_arg, amp_dtype, atomic_write, atomic_write_text, get_device
 from .checkpoint import save_model, load_model
 from .data import BadFileError, Resize, natural_key, read_npy
 from .models import MissingDependencyError, WeightsError, create_model, read_state_dict, _match_weights, _fmt
@@ -150,7 +150,7 @@ def import_weights(src: str | Path, # weight file: .pt/.pth (plain or wrapped st
     if not report.complete and not allow_partial:
         why = "no tensor matches" if not ok else "the weights do not fit"
         raise DeployError(f"{src}: {why} model {net.name!r}: {str(report).splitlines()[0]}. Check --model and its "
-                          "settings (--in-chans, --num-classes, --setting), or pass --allow-partial to keep the fresh "
+                          "settings (--in-chans, --num-classes, --model-kwargs), or pass --allow-partial to keep the fresh "
                           "initialisation of what does not fit.\n" + str(report))
     net.load_state_dict(ok, strict=False)
     save_model(out, net, classes=classes, in_chans=in_chans, imported_from=str(src), import_report=asdict(report))
@@ -289,23 +289,20 @@ def _cli_import_weights(p: argparse.ArgumentParser):
     p.add_argument("--in-chans", type=int, default=None, help="input channels (default: read from the file)")
     p.add_argument("--num-classes", type=int, default=None, help="classes (default: read from the file's head)")
     p.add_argument("--classes", default=None, help="comma-separated class names stored in the checkpoint, e.g. no,sphere,vort")
-    p.add_argument("--setting", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                   help="model setting (repeatable), e.g. --setting small_input true")
+    p.add_argument("--model-kwargs", type=_json_arg, default={}, metavar="JSON",
+                   help='model settings as in `deeplense train`, e.g. {"small_input": true} (see `deeplense list-models`)')
     p.add_argument("--allow-partial", action="store_true", help="write the checkpoint even when tensors are missing or of another shape")
     p.add_argument("--out", required=True, help="the deeplense checkpoint to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     def run(a):
-        settings = {k: _json_value(v) for k, v in a.setting}
+        if not isinstance(a.model_kwargs, dict):
+            raise DeepLenseError(f"--model-kwargs must be a JSON object, e.g. '{{\"hidden\": 64}}'; got {a.model_kwargs!r}")
         classes = [c.strip() for c in a.classes.split(",")] if a.classes else None
         rep = import_weights(a.src, model=a.model, out=a.out, in_chans=a.in_chans, num_classes=a.num_classes, classes=classes,
-                             allow_partial=a.allow_partial, overwrite=a.overwrite, **settings)
+                             allow_partial=a.allow_partial, overwrite=a.overwrite, **a.model_kwargs)
         print(rep); print(f"deeplense import-weights: wrote {a.out}")
         return 0
     return run
-
-def _json_value(v: str):
-    try: return json.loads(v)
-    except ValueError: return v
 
 # %% ../nbs/07a_deploy.ipynb #b41868e6
 def _cli_export(p: argparse.ArgumentParser):

@@ -106,9 +106,11 @@ def test_import_refusals(tmp_path, cli):
     assert r.returncode == 2 and "no tensor matches model 'resnet18'" in r.stderr
     r = cli("import-weights", tmp_path / "w.pt", "--model", "cnn_baseline", "--allow-partial", "--out", tmp_path / "a.ckpt")
     assert "head of another shape" in r.stdout and (tmp_path / "a.ckpt").exists()
-    r = cli("import-weights", tmp_path / "w.pt", "--model", "cnn_baseline", "--setting", "hidden", "64", "--out", tmp_path / "a.ckpt", check=False)
+    r = cli("import-weights", tmp_path / "w.pt", "--model", "cnn_baseline", "--model-kwargs", "{\"hidden\": 64}", "--out", tmp_path / "a.ckpt", check=False)
     assert r.returncode == 2 and "pass --overwrite" in r.stderr
-    cli("import-weights", tmp_path / "w.pt", "--model", "cnn_baseline", "--setting", "hidden", "64", "--out", tmp_path / "a.ckpt", "--overwrite")
+    cli("import-weights", tmp_path / "w.pt", "--model", "cnn_baseline", "--model-kwargs", "{\"hidden\": 64}", "--out", tmp_path / "a.ckpt", "--overwrite")
+    r = cli("import-weights", tmp_path / "w.pt", "--model", "cnn_baseline", "--model-kwargs", "[64]", "--out", tmp_path / "b.ckpt", check=False)
+    assert r.returncode == 2 and "--model-kwargs must be a JSON object" in r.stderr and not (tmp_path / "b.ckpt").exists()
 
 
 def test_import_never_unpickles_code(tmp_path, cli):
