@@ -22,7 +22,7 @@ def test_experiment_quick(name, tmp_path, cli, cache):
     assert r.returncode == 0
     m = json.loads((out / "metrics.json").read_text())
     assert EXPECTED[name] <= set(m), sorted(m)
-    if name == "task1": assert m["auc_macro"] > 0.8, m["auc_macro"]   # the quick mode learns (not one class for all)
+    if name in ("task1", "model-zoo"): assert m["auc_macro"] > 0.8, m["auc_macro"]   # the quick mode learns (not one class for all)
     nb = out / {"lens-finding": "lens_finding.ipynb", "model-zoo": "model_zoo.ipynb"}.get(name, f"{name}.ipynb")
     assert nb.exists(), "the executed notebook is kept beside the results"
     pngs = sorted(out.rglob("*.png"))
