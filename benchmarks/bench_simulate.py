@@ -2,7 +2,9 @@
 
 Three engines in the same run, end to end (drawing the parameters, rendering, noise, min-max): the batched engine
 (`simbatch.simulate_images`, counter-based randomness), the per-image reference (`simulate.sample_truth` +
-`simulate.render`) and lenstronomy (when installed). Ratios go into the JSON. `--train-model` also times training
+`simulate.render`) and lenstronomy (when installed). Every figure is the median of `--repeat` timed calls after a
+warm-up; batched vs per-image compare whole pipelines (drawing included), ours vs lenstronomy compare rendering from
+the same drawn parameters (noise and min-max included). Ratios go into the JSON. `--train-model` also times training
 steps of a classifier on the same images, so the JSON says whether the simulator can feed training
 (`sim_over_train` >= 2 means a fresh-simulation stream keeps the model busy less than half the time).
 
@@ -22,9 +24,9 @@ from deeplense_nb.simbatch import simulate_images
 def _sync(device):
     if str(device).startswith("cuda"): torch.cuda.synchronize()
 
-def _best_rate(fn, n, device, repeat):
-    "Median images/s of `repeat` timed calls of fn() (which makes n images), after one warm-up call."
-    fn(); _sync(device); rates = []
+def _best_rate(fn, n, device, repeat, warmup=None):
+    "Median images/s of `repeat` timed calls of fn() (which makes n images), after one warm-up call (of `warmup` if given)."
+    (warmup or fn)(); _sync(device); rates = []
     for _ in range(repeat):
         t0 = time.perf_counter(); fn(); _sync(device); rates.append(n / (time.perf_counter() - t0))
     return float(np.median(rates)), [round(r, 2) for r in rates]
@@ -50,24 +52,21 @@ def bench_train(model_name, device, repeat, batch=32, steps=4):
             loss = torch.nn.functional.cross_entropy(net(x), y); opt.zero_grad(); loss.backward(); opt.step()
     return _best_rate(run, batch * steps, device, repeat)
 
-def bench_ours(n, device, batch=120):
+def bench_render(n, device, repeat, batch=120):
+    "Our per-image renderer from drawn truth (noise and min-max included, drawing excluded): like for like with lenstronomy."
     p = get_preset("model_i")
-    truth = [sample_truth(p, CLASSES_T1[i % 3], image_rng(0, "bench", i)) for i in range(n)]
-    render(truth[:6], p, device=device)  # warm-up
-    if device.startswith("cuda"): torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for b in range(0, n, batch): render(truth[b:b + batch], p, device=device)
-    if device.startswith("cuda"): torch.cuda.synchronize()
-    return n / (time.perf_counter() - t0), truth
+    truth = [sample_truth(p, CLASSES_T1[i % 3], image_rng(0, "bench", CLASSES_T1[i % 3], i)) for i in range(n)]
+    run = lambda: [render(truth[b:b + batch], p, device=device) for b in range(0, n, batch)]
+    return (*_best_rate(run, n, device, repeat), truth)
 
-def bench_lens_finding(n, device):
+def bench_lens_finding_per_image(n, device, repeat):
+    "The per-image lens-finding reference end to end (numpy draws, then one render per image), like the batched figure."
     p = LensFindingPreset()
-    ts = [sample_lens_finding(p, i % 2 == 0, image_rng(0, "bench", i)) for i in range(n)]
-    t0 = time.perf_counter()
-    for t in ts: render_lens_finding(t, p, device=device)
-    return n / (time.perf_counter() - t0)
+    def run():
+        for i in range(n): render_lens_finding(sample_lens_finding(p, i % 2 == 0, image_rng(0, "bench", i)), p, device=device)
+    return _best_rate(run, n, device, repeat)
 
-def bench_lenstronomy(truth, n):
+def _lenstronomy_images(truth):
     "The same Model I images rendered by lenstronomy's ImageModel, the way DeepLenseSim does."
     from lenstronomy.Data.imaging_data import ImageData
     from lenstronomy.Data.psf import PSF
@@ -83,8 +82,7 @@ def bench_lenstronomy(truth, n):
     psf = PSF(psf_type="GAUSSIAN", fwhm=p.psf_fwhm, pixel_size=p.pixel_scale, truncation=4)
     src = LightModel(["SERSIC_ELLIPSE"])
     rng = np.random.default_rng(0)
-    t0 = time.perf_counter()
-    for t in truth[:n]:
+    for t in truth:
         names = ["SIE", "SHEAR"]
         e1, e2 = pu.phi_q2_ellipticity(t["phi"], t["q"])
         kw = [dict(theta_E=t["theta_E"], e1=e1, e2=e2, center_x=t["x0"], center_y=t["y0"]), dict(gamma1=t["gamma1"], gamma2=t["gamma2"])]
@@ -102,7 +100,10 @@ def bench_lenstronomy(truth, n):
                                     center_x=t["src_x"], center_y=t["src_y"])])
         img = img / img.max() * t["peak_counts"] + p.sky_counts
         img = rng.poisson(np.clip(img, 0, None)); img = (img - img.min()) / (img.max() - img.min())
-    return n / (time.perf_counter() - t0)
+
+def bench_lenstronomy(truth, n, repeat):
+    "lenstronomy's images/s on the first n truth dicts (warm-up on one image: the slow code is per image anyway)."
+    return _best_rate(lambda: _lenstronomy_images(truth[:n]), n, "cpu", repeat, warmup=lambda: _lenstronomy_images(truth[:1]))
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -120,10 +121,10 @@ def main():
     res["batched_model_i_img_per_s"], res["batched_model_i_runs"] = bench_batched(a.n, a.device, a.repeat)
     res["per_image_model_i_img_per_s"], res["per_image_model_i_runs"] = bench_per_image(a.n, a.device, a.repeat)
     res["batched_over_per_image"] = res["batched_model_i_img_per_s"] / res["per_image_model_i_img_per_s"]
-    res["model_i_img_per_s"], truth = bench_ours(a.n, a.device)   # render only, from drawn truth (the earlier figure)
+    res["model_i_img_per_s"], res["model_i_runs"], truth = bench_render(a.n, a.device, a.repeat)   # render only, from drawn truth
     nl = max(a.n // 2, 20)
     res["batched_lens_finding_img_per_s"], _ = bench_batched(nl * 4, a.device, a.repeat, preset="lens_finding", batch=256)
-    res["lens_finding_img_per_s"] = bench_lens_finding(nl, a.device)
+    res["lens_finding_img_per_s"], res["lens_finding_runs"] = bench_lens_finding_per_image(nl, a.device, a.repeat)
     res["batched_over_per_image_lens_finding"] = res["batched_lens_finding_img_per_s"] / res["lens_finding_img_per_s"]
     if a.train_model:
         res["train_model"] = a.train_model
@@ -132,7 +133,7 @@ def main():
     try:
         import lenstronomy
         res["lenstronomy_version"] = lenstronomy.__version__
-        res["lenstronomy_model_i_img_per_s"] = bench_lenstronomy(truth, min(a.n_lenstronomy, a.n))
+        res["lenstronomy_model_i_img_per_s"], res["lenstronomy_runs"] = bench_lenstronomy(truth, min(a.n_lenstronomy, a.n), min(a.repeat, 2))
         res["speedup_vs_lenstronomy"] = res["model_i_img_per_s"] / res["lenstronomy_model_i_img_per_s"]
         res["batched_over_lenstronomy"] = res["batched_model_i_img_per_s"] / res["lenstronomy_model_i_img_per_s"]
     except ImportError:
