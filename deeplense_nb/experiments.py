@@ -22,7 +22,7 @@ from .evaluation import evaluate
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'DEMO_CPU', 'DEMO_GPU', 'experiments_dir', 'experiment_path', 'parse_value', 'notebook_parameters',
            'run_experiment', 'ExperimentFailed', 'sweep_points', 'sweep', 'cached_simulation', 'task1_data',
-           'quick_preset', 'cross_validate', 'run_demo']
+           'quick_preset', 'quick_task1', 'cross_validate', 'run_demo']
 
 # %% ../nbs/11_experiments.ipynb #c7c9f64a
 EXPERIMENTS = {"task1": "task1.ipynb", "lens-finding": "lens_finding.ipynb", "model-zoo": "model_zoo.ipynb",
@@ -171,6 +171,13 @@ def quick_preset(name: str = "model_i", # a simulator preset
     "Preset `name` at `npix` pixels over the same field of view: the smaller, faster images of the experiments' quick modes."
     p = S.get_preset(name)
     return S.get_preset(name, npix=npix, pixel_scale=p.pixel_scale * p.npix / npix)
+
+# %% ../nbs/11_experiments.ipynb #afeaf50f
+def quick_task1(preset: str | S.SimPreset, # the experiment's preset parameter
+                normalize: str = "", # its normalisation parameter ("" = as stored)
+               ) -> tuple[str | S.SimPreset, str]:
+    "The Task I quick modes' data (task1, model-zoo): the default `model_i` becomes DeepLenseSim's published recipe at 64 px (a minute of CPU learns it; `model_i` needs the full run), with the log stretch unless a normalisation is given."
+    return (quick_preset("deeplensesim_recipe") if preset == "model_i" else preset), (normalize or "log")
 
 # %% ../nbs/11_experiments.ipynb #c4219230
 def _cli_run(p):
