@@ -71,7 +71,7 @@ def _physical(P: dict, dev, b: int) -> dict:
                 e1=f("le1"), e2=f("le2"), x0=f("x0"), y0=f("y0"), gamma1=f("g1"), gamma2=f("g2"),
                 src_x=f("sx"), src_y=f("sy"), src_R_e=math.exp(f("logRe")), src_n=math.exp(f("logn")),
                 src_q=float(sq), src_phi=float(sphi), amp=math.exp(f("logamp")), sky_counts=math.exp(f("logsky")),
-                psf_fwhm=math.exp(f("logfwhm")))
+                psf_fwhm=math.exp(f("logfwhm")), retried=False)
 
 # %% ../nbs/02a_lensfit.ipynb #73dea13d
 def _fit_chunk(a, g, pixel_scale, starts, steps, refine, crop, lr, dev):
@@ -88,6 +88,11 @@ def _fit_chunk(a, g, pixel_scale, starts, steps, refine, crop, lr, dev):
     P, D = {k: v.cpu() for k, v in P.items()}, D.cpu()   # one copy back per chunk
     return [_physical(P, D, b) for b in range(nI)], C.cpu().numpy(), m.cpu().numpy()
 
+def _fit_all(a, g, batch, **kw):
+    "`_fit_chunk` over chunks of `batch` images: the fits, counts and model images of all of them."
+    parts = [_fit_chunk(a[i:i + batch], g, **kw) for i in range(0, len(a), batch)]
+    return [f for p in parts for f in p[0]], np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+
 # %% ../nbs/02a_lensfit.ipynb #eb3effa3
 def fit_smooth_lens(images, # (B, 1, H, W) or (B, H, W) min-max images of normalised counts (pixels k/N), or counts
                     *, pixel_scale: float = 0.05, # arcsec per pixel
@@ -99,6 +104,7 @@ def fit_smooth_lens(images, # (B, 1, H, W) or (B, H, W) min-max images of normal
                     return_model: bool = False, # also return the fitted counts and model images (B, H - 2 crop, W - 2 crop)
                     batch: int = 32, # images fitted together (memory: batch x starts models with their gradients)
                     device: str | torch.device = "cpu", # where to fit: "cpu", "cuda[:N]", "mps" or "auto"
+                    retry_above: float | None = 2.0, # search again, with twice the starts, where the deviance per pixel stays above this
                    ):
     "Maximum-Poisson-likelihood fit of SIE + shear + Sersic + Gaussian PSF + sky to each image (arcsec, counts)."
     a = torch.as_tensor(np.asarray(images), dtype=torch.float64)
@@ -106,10 +112,14 @@ def fit_smooth_lens(images, # (B, 1, H, W) or (B, H, W) min-max images of normal
     if a.dim() != 3: raise DeepLenseError(f"fit_smooth_lens wants (B, H, W) or (B, 1, H, W) images, got shape {tuple(a.shape)}")
     if batch < 1: raise DeepLenseError(f"fit_smooth_lens needs batch >= 1, got {batch}")
     g, dev = torch.Generator().manual_seed(seed), get_device(device)   # one random stream over the chunks: deterministic for a given (seed, batch)
-    parts = [_fit_chunk(a[i:i + batch], g, pixel_scale, starts, steps, refine, crop, lr, dev) for i in range(0, len(a), batch)]
-    out = [f for p in parts for f in p[0]]
-    if not return_model: return out
-    return out, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+    fit = lambda im, s: _fit_all(im, g, batch, pixel_scale=pixel_scale, starts=s, steps=steps, refine=refine, crop=crop, lr=lr, dev=dev)
+    out, C, M = fit(a, starts)
+    bad = [i for i, f in enumerate(out) if retry_above is not None and f["deviance_per_pixel"] > retry_above]
+    if bad:   # a failed search lands far above the photon-noise level (about 1): search those images again
+        again, _, M2 = fit(a[bad], 2 * starts)
+        for i, f, m in zip(bad, again, M2):
+            if f["deviance_per_pixel"] < out[i]["deviance_per_pixel"]: out[i], M[i] = {**f, "retried": True}, m
+    return (out, C, M) if return_model else out
 
 # %% ../nbs/02a_lensfit.ipynb #dfd2ed51
 RESIDUAL_FEATURES = ("deviance_per_pixel", "chi2_inner", "chi2_ring", "chi2_outer")
