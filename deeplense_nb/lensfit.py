@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
@@ -26,12 +27,12 @@ def _q_phi(e1, e2):
     "Axis ratio and angle of a fitted ellipticity, kept to |e| <= 0.6 per component."
     return ellipticity_to_q_phi(e1.clamp(-0.6, 0.6), e2.clamp(-0.6, 0.6))
 
-def _smooth_model(P: dict, x, y, pixel_scale: float) -> torch.Tensor:
-    "Expected counts `(B, H, W)` of the fit's parameters `P` (unconstrained, `(B,)` each) on the grid `x, y`."
+def _smooth_model(P: dict, x, y, pixel_scale: float, gain: float = 1.0) -> torch.Tensor:
+    "Expected counts `(B, H, W)` of the fit's parameters `P` (unconstrained, `(B,)` each) on the grid `x, y`, times `gain` (binned pixels)."
     v = lambda k: P[k].view(-1, 1, 1)
     q, phi = (t.view(-1, 1, 1) for t in _q_phi(P["le1"], P["le2"]))
     sq, sphi = (t.view(-1, 1, 1) for t in _q_phi(P["se1"], P["se2"]))
-    return smooth_lens_image(x, y, theta_E=v("logtE").exp(), q=q, phi=phi, x0=v("x0"), y0=v("y0"), gamma1=v("g1"), gamma2=v("g2"),
+    return gain * smooth_lens_image(x, y, theta_E=v("logtE").exp(), q=q, phi=phi, x0=v("x0"), y0=v("y0"), gamma1=v("g1"), gamma2=v("g2"),
                              src_x=v("sx"), src_y=v("sy"), src_R_e=v("logRe").exp(), src_n=v("logn").exp().clamp(0.3, 8),
                              src_q=sq, src_phi=sphi, psf_fwhm=P["logfwhm"].exp().clamp(0.02, 0.5), pixel_scale=pixel_scale,
                              amp=v("logamp").exp(), sky=v("logsky").exp(), psf_radius=7)
@@ -41,17 +42,17 @@ def _poisson_deviance(m, C):
     "Poisson deviance per pixel of model `m` for counts `C` (about 1 when only photon noise is left)."
     return 2 * ((m - C) - C * torch.log(m / C.clamp(min=1e-9)).where(C > 0, torch.zeros_like(m))).mean((-2, -1))
 
-def _adam_fit(P: dict, C, x, y, pixel_scale, steps, lr):
+def _adam_fit(P: dict, C, x, y, pixel_scale, steps, lr, gain=1.0):
     "Adam on the Poisson negative log-likelihood of `_smooth_model`; returns the final parameters, model and deviance."
     P = {k: v.detach().clone().requires_grad_(True) for k, v in P.items()}
     opt = torch.optim.Adam(P.values(), lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
-            m = _smooth_model(P, x, y, pixel_scale)
+            m = _smooth_model(P, x, y, pixel_scale, gain)
             loss = (m - C * torch.log(m)).mean((1, 2)).sum()
             opt.zero_grad(); loss.backward(); opt.step()
     with torch.no_grad():
-        m = _smooth_model(P, x, y, pixel_scale)
+        m = _smooth_model(P, x, y, pixel_scale, gain)
         return {k: v.detach() for k, v in P.items()}, m, _poisson_deviance(m, C)
 
 # %% ../nbs/02a_lensfit.ipynb #eb3addf5
@@ -74,15 +75,23 @@ def _physical(P: dict, dev, b: int) -> dict:
                 psf_fwhm=math.exp(f("logfwhm")), retried=False)
 
 # %% ../nbs/02a_lensfit.ipynb #73dea13d
-def _fit_chunk(a, g, pixel_scale, starts, steps, refine, crop, lr, dev):
-    "Fit one chunk of images on device `dev`: every start for `steps`, then the best start per image for `refine` more."
+def _binned(C, x, y, b: int):
+    "Counts summed over `b x b` blocks (Poisson stays Poisson) and the blocks' centres, on an even number of blocks per side."
+    h, w = (s // (2 * b) * 2 * b for s in C.shape[-2:])   # even: no block centre on the lens centre, where the SIE is singular
+    i, j = (C.shape[-2] - h) // 2, (C.shape[-1] - w) // 2
+    pool = lambda t: F.avg_pool2d(t[..., i:i + h, j:j + w].reshape(-1, 1, h, w), b).reshape(*t.shape[:-2], h // b, w // b)
+    return pool(C) * b * b, pool(x), pool(y)
+
+def _fit_chunk(a, g, pixel_scale, starts, steps, refine, crop, lr, dev, bin_search=1):
+    "Fit one chunk of images on device `dev`: every start for `steps` (on `bin_search`-binned pixels), then the best start per image for `refine` more."
     N = [count_scale(im) if float(im.max()) <= 1.0 else 1.0 for im in a]   # min-max count images are exactly k/N
     win = (slice(crop, a.shape[-2] - crop), slice(crop, a.shape[-1] - crop))
     C = torch.stack([torch.round(im * n) if n == n else im for im, n in zip(a, N)]).float()[:, win[0], win[1]].to(dev)
     x, y = (t[win] for t in pixel_grid(a.shape[-1], pixel_scale, device=dev))
     nI, S = len(C), starts
     P0 = {k: v.to(dev) for k, v in _starts(nI * S, g).items()}   # drawn on the CPU: the same starts on every device
-    P, m, D = _adam_fit(P0, C.repeat_interleave(S, 0), x, y, pixel_scale, steps, lr)   # search: every start
+    Cb, xb, yb = _binned(C, x, y, bin_search)   # the search on binned pixels: bin_search^2 times fewer
+    P, m, D = _adam_fit(P0, Cb.repeat_interleave(S, 0), xb, yb, bin_search * pixel_scale, steps, lr, gain=bin_search ** 2)
     best = D.view(nI, S).argmin(1) + torch.arange(nI, device=dev) * S
     P, m, D = _adam_fit({k: v[best] for k, v in P.items()}, C, x, y, pixel_scale, refine, lr / 4)  # refine the best
     P, D = {k: v.cpu() for k, v in P.items()}, D.cpu()   # one copy back per chunk
@@ -105,6 +114,7 @@ def fit_smooth_lens(images, # (B, 1, H, W) or (B, H, W) min-max images of normal
                     batch: int = 32, # images fitted together (memory: batch x starts models with their gradients)
                     device: str | torch.device = "cpu", # where to fit: "cpu", "cuda[:N]", "mps" or "auto"
                     retry_above: float | None = 2.0, # search again, with twice the starts, where the deviance per pixel stays above this
+                    bin_search: int = 2, # search on bin_search x bin_search binned pixels (about bin_search^2 times cheaper), refine on all
                    ):
     "Maximum-Poisson-likelihood fit of SIE + shear + Sersic + Gaussian PSF + sky to each image (arcsec, counts)."
     a = torch.as_tensor(np.asarray(images), dtype=torch.float64)
@@ -112,7 +122,7 @@ def fit_smooth_lens(images, # (B, 1, H, W) or (B, H, W) min-max images of normal
     if a.dim() != 3: raise DeepLenseError(f"fit_smooth_lens wants (B, H, W) or (B, 1, H, W) images, got shape {tuple(a.shape)}")
     if batch < 1: raise DeepLenseError(f"fit_smooth_lens needs batch >= 1, got {batch}")
     g, dev = torch.Generator().manual_seed(seed), get_device(device)   # one random stream over the chunks: deterministic for a given (seed, batch)
-    fit = lambda im, s: _fit_all(im, g, batch, pixel_scale=pixel_scale, starts=s, steps=steps, refine=refine, crop=crop, lr=lr, dev=dev)
+    fit = lambda im, s: _fit_all(im, g, batch, pixel_scale=pixel_scale, starts=s, steps=steps, refine=refine, crop=crop, lr=lr, dev=dev, bin_search=bin_search)
     out, C, M = fit(a, starts)
     bad = [i for i, f in enumerate(out) if retry_above is not None and f["deviance_per_pixel"] > retry_above]
     if bad:   # a failed search lands far above the photon-noise level (about 1): search those images again
@@ -132,7 +142,7 @@ def residual_features(images, # (B, 1, H, W) or (B, H, W) Task I-like images (se
                       zones: tuple = (0.6, 1.4), # zone edges in units of the fitted theta_E: inner | ring | outer
                       **fit_kw, # passed to `fit_smooth_lens` (starts, steps, refine, crop, ...)
                      ) -> "pandas.DataFrame":
-    "Substructure evidence the smooth lens model leaves behind, one row per image: `RESIDUAL_FEATURES` + `GEOMETRY_FEATURES`."
+    "Substructure evidence the smooth lens model leaves behind, one row per image: `RESIDUAL_FEATURES` + `GEOMETRY_FEATURES`, then the fit (`fit_*`)."
     fits, C, M = fit_smooth_lens(images, pixel_scale=pixel_scale, return_model=True, **fit_kw)
     npix = np.shape(images)[-1]; crop = (npix - C.shape[-1]) // 2   # the fitted window, whatever crop the fit used
     x, y = (t[crop:npix - crop, crop:npix - crop].numpy() for t in pixel_grid(npix, pixel_scale, dtype=torch.float64))
@@ -144,8 +154,9 @@ def residual_features(images, # (B, 1, H, W) or (B, H, W) Task I-like images (se
         zone = lambda lo, hi: float(z2[(r >= lo) & (r < hi)].mean())
         rows.append(dict(deviance_per_pixel=f["deviance_per_pixel"], chi2_inner=zone(0, zones[0]),
                          chi2_ring=zone(*zones), chi2_outer=zone(zones[1], np.inf),
-                         lens_e2_abs=abs(f["e2"]), centre_offset=math.hypot(f["x0"], f["y0"])))
-    return pd.DataFrame(rows, columns=[*RESIDUAL_FEATURES, *GEOMETRY_FEATURES])
+                         lens_e2_abs=abs(f["e2"]), centre_offset=math.hypot(f["x0"], f["y0"]),
+                         **{f"fit_{k}": v for k, v in f.items() if k != "deviance_per_pixel"}))
+    return pd.DataFrame(rows)
 
 # %% ../nbs/02a_lensfit.ipynb #06f8bc4e
 def residual_classifier(features, # `residual_features` of simulated training images (DataFrame or array)

@@ -29,8 +29,8 @@ class SimPreset(Config):
     # instrument
     npix: int = 150                      # pixels per side
     pixel_scale: float = 0.05            # arcsec per pixel
-    psf_fwhm: float = 0.16               # Gaussian PSF FWHM, arcsec (fitted on the real images; the recipe says 0.087)
-    sky_counts: float = 11.5             # flat sky background per pixel, photon counts
+    psf_fwhm: float = 0.205              # Gaussian PSF FWHM, arcsec (fit-matched on the real images; the recipe says 0.087)
+    sky_counts: float = 10.2             # flat sky background per pixel, photon counts (fit-matched)
     peak_counts: tuple = (680.0, 900.0)  # peak lensed-source counts per pixel (sets the SNR)
     read_noise: float = 0.0              # extra Gaussian noise per pixel, counts (0: pure Poisson like the real data)
     # cosmology
@@ -39,27 +39,27 @@ class SimPreset(Config):
     # main lens: SIE of a halo + external shear
     halo_mass: tuple = (1e12, 1e12)      # solar masses (log-uniform); sets theta_E with DeepLenseSim's convention
     theta_E_scatter: tuple = (0.82, 1.22) # extra multiplicative theta_E factor (uniform), real rings vary in radius
-    lens_q: tuple = (0.8, 0.98)          # SIE axis ratio
+    lens_q: tuple = (0.99, 1.0)          # SIE axis ratio (fit-matched: the real smooth lenses are round; the shear elongates the rings)
     lens_phi: tuple = (1.5707963267948966, 1.5707963267948966)  # SIE mass orientation, rad (real data: fixed; rings wider along x)
     shear: tuple = (0.0, 0.28)           # external shear magnitude
     shear_phi: tuple = (0.0, 0.0)        # shear orientation, rad (the real data: fixed, gamma2 = 0)
     lens_center: float = 0.0             # lens centre offset, arcsec (uniform in a square of this half-width)
     # source: elliptical Sersic
-    src_R_e: tuple = (0.4, 0.5)          # half-light radius, arcsec
-    src_n: tuple = (1.3, 1.3)            # Sersic index
+    src_R_e: tuple = (0.47, 0.5)         # half-light radius, arcsec (fit-matched)
+    src_n: tuple = (1.5, 1.5)            # Sersic index (fit-matched)
     src_q: tuple = (0.4, 0.9)            # axis ratio
     src_phi: tuple = (0.0, 0.0)          # orientation, rad (the real sources share one orientation)
     src_center: float = 0.45             # source centre uniform in [-src_center, src_center]^2, arcsec
     # substructure: sphere = CDM subhalos, vort = a vortex line of point masses
     sub_n: int = 25                      # subhalos per sphere image
-    sub_mass: tuple = (1e6, 1e10)        # subhalo mass range, solar masses
+    sub_mass: tuple = (7e5, 7e9)         # subhalo mass range, solar masses (recipe 1e6-1e10; fit-matched residual strength)
     sub_slope: float = -0.9              # dN/dm ~ m^sub_slope (what DeepLenseSim's code draws)
     sub_radius: tuple = (0.25, 2.0)      # subhalo distance from the lens centre, arcsec
     vort_mass: float = 8e10              # total vortex mass, solar masses (recipe 3e10; the real vort residuals need ~8e10)
     vort_n: int = 100                    # point masses along the vortex
-    vort_log_ma: tuple = (-24.0, -22.0)  # log10 axion mass / eV; half-length = vort_len_scale * 1e-22 / m_a
+    vort_log_ma: tuple = (-24.0, -23.0)  # log10 axion mass / eV; half-length = vort_len_scale * 1e-22 / m_a (recipe -24 to -22; fit-matched)
     vort_len_scale: float = 0.03         # arcsec
-    vort_offset: float = 0.0             # vortex centre this far (uniform in [0, vort_offset] arcsec, random direction) from the lens centre; 0 = through the centre (the recipe)
+    vort_offset: float = 0.5             # vortex centre up to this far (uniform in [0, vort_offset] arcsec, random direction) from the lens centre; 0 = through the centre (the recipe; fit-matched 0.5)
     softening: float = 0.01              # point-mass softening, arcsec
     classes: tuple = CLASSES_T1
 
@@ -74,7 +74,8 @@ PRESETS: dict[str, SimPreset] = {
     "deeplensesim_recipe": SimPreset(name="deeplensesim_recipe", psf_fwhm=0.087, sky_counts=10.0, peak_counts=(700.0, 900.0),
                                      theta_E_scatter=(1.0, 1.0), lens_q=(0.818, 0.818), lens_phi=(0.0, 0.0),
                                      shear=(0.05, 0.05), src_R_e=(0.25, 0.25), src_n=(1.0, 1.0), src_q=(0.752, 0.752),
-                                     src_phi=(1.178, 1.178), src_center=0.35, vort_mass=3e10),  # e1=0.1; src e1=-0.1, e2=0.1
+                                     src_phi=(1.178, 1.178), src_center=0.35, sub_mass=(1e6, 1e10),
+                                     vort_mass=3e10, vort_log_ma=(-24.0, -22.0), vort_offset=0.0),  # e1=0.1; src e1=-0.1, e2=0.1
     "model_ii": SimPreset(name="model_ii", npix=64, pixel_scale=0.101, psf_fwhm=0.16, sky_counts=20.0,
                           peak_counts=(250.0, 400.0)),
     "model_iii": SimPreset(name="model_iii", npix=64, pixel_scale=0.08, psf_fwhm=0.1, sky_counts=10.0,
