@@ -18,6 +18,9 @@ def test_sim2real_quick(tmp_path, cli):
         cm = np.array(v["confusion"]); assert cm.shape == (3, 3) and cm.sum() == n_real
         assert (out / f"confusion_{name}.png").is_file()
     assert m["auc_macro"] == m["methods"][m["best_method"]]["auc_macro"] == max(v["auc_macro"] for v in m["methods"].values())
+    fm = m["fit_match"]   # fit-matching: per-class medians of the residual features and the fit, real and simulated
+    assert {f"{src} {c}" for src in ("real", "sim") for c in CLASSES_T1} <= set(fm)
+    assert all({"chi2_ring", "fit_q", "fit_psf_fwhm"} <= set(row) for row in fm.values())
     t2 = m["task2"]   # the lens finder trained on simulated cutouts, scored on every real (or stand-in) cutout
     n_ii = len([f for f in Path(t2["real_dir"]).rglob("*.npy") if f.parent.name.endswith("lenses")])
     assert t2["n"] == n_ii > 0 and 0 < t2["n_lenses"] < n_ii and 0 <= t2["auc"] <= 1 and 0 <= t2["average_precision"] <= 1
