@@ -120,7 +120,7 @@ def fit_smooth_lens(images, # (B, 1, H, W) or (B, H, W) min-max images of normal
     a = torch.as_tensor(np.asarray(images), dtype=torch.float64)
     a = a[:, 0] if a.dim() == 4 else a
     if a.dim() != 3: raise DeepLenseError(f"fit_smooth_lens wants (B, H, W) or (B, 1, H, W) images, got shape {tuple(a.shape)}")
-    if batch < 1: raise DeepLenseError(f"fit_smooth_lens needs batch >= 1, got {batch}")
+    if batch < 1 or bin_search < 1: raise DeepLenseError(f"fit_smooth_lens needs batch >= 1 and bin_search >= 1, got {batch} and {bin_search}")
     g, dev = torch.Generator().manual_seed(seed), get_device(device)   # one random stream over the chunks: deterministic for a given (seed, batch)
     fit = lambda im, s: _fit_all(im, g, batch, pixel_scale=pixel_scale, starts=s, steps=steps, refine=refine, crop=crop, lr=lr, dev=dev, bin_search=bin_search)
     out, C, M = fit(a, starts)
