@@ -11,8 +11,8 @@ from deeplense_nb import lensfit
 from deeplense_nb.lensfit import (fit_smooth_lens, residual_features, residual_classifier, RESIDUAL_FEATURES,
                                   GEOMETRY_FEATURES)
 
-def _smooth_model_v1(P: dict, x, y, pixel_scale: float) -> torch.Tensor:
-    "Frozen copy of the fitter's model before it moved onto `physics.smooth_lens_image` (own separable PSF)."
+def _smooth_model_v1(P: dict, x, y, pixel_scale: float, gain: float = 1.0) -> torch.Tensor:
+    "Frozen copy of the fitter's model before it moved onto `physics.smooth_lens_image` (own separable PSF); `gain` as in the binned search."
     v = lambda k: P[k].view(-1, 1, 1)
     q, phi = ellipticity_to_q_phi(P["le1"].clamp(-0.6, 0.6), P["le2"].clamp(-0.6, 0.6))
     ax, ay = alpha_sie(x, y, theta_E=v("logtE").exp(), q=q.view(-1, 1, 1), phi=phi.view(-1, 1, 1), x0=v("x0"), y0=v("y0"))
@@ -26,7 +26,7 @@ def _smooth_model_v1(P: dict, x, y, pixel_scale: float) -> torch.Tensor:
     k = torch.exp(-r[None] ** 2 / (2 * sig[:, None] ** 2)); k = k / k.sum(1, keepdim=True)
     img = torch.nn.functional.conv2d(img[None], k[:, None, None, :], padding=(0, 7), groups=len(k))
     img = torch.nn.functional.conv2d(img, k[:, None, :, None], padding=(7, 0), groups=len(k))[0]
-    return v("logamp").exp() * img + v("logsky").exp()
+    return gain * (v("logamp").exp() * img + v("logsky").exp())
 
 def test_smooth_model_matches_former_model():
     "The fitter's model, now `physics.smooth_lens_image`, gives the former images (random parameters, incl. clipped ones)."
@@ -50,7 +50,9 @@ def test_residual_features_see_substructure():
     p = get_preset("model_i", vort_mass=3e11, vort_log_ma=(-23.7, -23.7))    # a 1.5" half-length vortex of 3e11 Msun
     x, y, _ = simulate_batch(2, preset=p, labels=[0, 2], seed=4)
     f = residual_features(x, starts=3, steps=150, refine=150)
-    assert list(f.columns) == [*RESIDUAL_FEATURES, *GEOMETRY_FEATURES] and np.isfinite(f.values).all()
+    cols = [*RESIDUAL_FEATURES, *GEOMETRY_FEATURES]
+    assert list(f.columns[:len(cols)]) == cols and np.isfinite(f[cols].values).all()
+    assert all(c.startswith("fit_") for c in f.columns[len(cols):]) and {"fit_theta_E", "fit_psf_fwhm", "fit_retried"} <= set(f.columns)
     assert f.loc[0, "chi2_ring"] < 1.5 and f.loc[0, "deviance_per_pixel"] < 1.25, f
     assert f.loc[1, "chi2_ring"] > 2 * f.loc[0, "chi2_ring"], f
 
