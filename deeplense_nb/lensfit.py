@@ -124,7 +124,7 @@ def fit_smooth_lens(images, # (B, 1, H, W) or (B, H, W) min-max images of normal
     g, dev = torch.Generator().manual_seed(seed), get_device(device)   # one random stream over the chunks: deterministic for a given (seed, batch)
     fit = lambda im, s: _fit_all(im, g, batch, pixel_scale=pixel_scale, starts=s, steps=steps, refine=refine, crop=crop, lr=lr, dev=dev, bin_search=bin_search)
     out, C, M = fit(a, starts)
-    bad = [i for i, f in enumerate(out) if retry_above is not None and f["deviance_per_pixel"] > retry_above]
+    bad = [] if retry_above is None else [i for i, f in enumerate(out) if f["deviance_per_pixel"] > retry_above]
     if bad:   # a failed search lands far above the photon-noise level (about 1): search those images again
         again, _, M2 = fit(a[bad], 2 * starts)
         for i, f, m in zip(bad, again, M2):
