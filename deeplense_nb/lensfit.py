@@ -20,7 +20,8 @@ from .physics import ellipticity_to_q_phi, pixel_grid, smooth_lens_image
 from .simulate import count_scale
 
 # %% auto #0
-__all__ = ['RESIDUAL_FEATURES', 'GEOMETRY_FEATURES', 'fit_smooth_lens', 'residual_features', 'residual_classifier']
+__all__ = ['RESIDUAL_FEATURES', 'GEOMETRY_FEATURES', 'fit_smooth_lens', 'residual_significance', 'residual_features',
+           'residual_classifier', 'residual_cnn_input']
 
 # %% ../nbs/02a_lensfit.ipynb #2344a332
 def _q_phi(e1, e2):
@@ -135,28 +136,38 @@ def fit_smooth_lens(images, # (B, 1, H, W) or (B, H, W) min-max images of normal
 RESIDUAL_FEATURES = ("deviance_per_pixel", "chi2_inner", "chi2_ring", "chi2_outer")
 GEOMETRY_FEATURES = ("lens_e2_abs", "centre_offset")
 
+# %% ../nbs/02a_lensfit.ipynb #9e3cdd90
+def residual_significance(counts, # (B, H, W) counts, as `fit_smooth_lens(..., return_model=True)` returns them
+                          model, # (B, H, W) the fitted model's expected counts on the same pixels
+                          smooth: float = 1.5, # Gaussian smoothing, pixels
+                         ) -> np.ndarray:
+    "Signed significance of the smoothed residual, (B, H, W): mean 0, variance 1 per pixel where only photon noise is left."
+    s = (0, smooth, smooth)   # each image on its own, never across the batch
+    c, m = np.asarray(counts, np.float64), np.asarray(model, np.float64)
+    return gaussian_filter(c - m, s) / np.sqrt(gaussian_filter(m, s) / (4 * math.pi * smooth ** 2))
+
 # %% ../nbs/02a_lensfit.ipynb #1cdf8f33
 def residual_features(images, # (B, 1, H, W) or (B, H, W) Task I-like images (see `fit_smooth_lens`)
                       *, pixel_scale: float = 0.05, # arcsec per pixel
                       smooth: float = 1.5, # Gaussian smoothing of the residuals, pixels (substructure residuals are coherent)
                       zones: tuple = (0.6, 1.4), # zone edges in units of the fitted theta_E: inner | ring | outer
+                      return_maps: bool = False, # also return the `residual_significance` maps (B, H - 2 crop, W - 2 crop)
                       **fit_kw, # passed to `fit_smooth_lens` (starts, steps, refine, crop, ...)
-                     ) -> "pandas.DataFrame":
+                     ) -> "pandas.DataFrame | tuple":
     "Substructure evidence the smooth lens model leaves behind, one row per image: `RESIDUAL_FEATURES` + `GEOMETRY_FEATURES`, then the fit (`fit_*`)."
     fits, C, M = fit_smooth_lens(images, pixel_scale=pixel_scale, return_model=True, **fit_kw)
     npix = np.shape(images)[-1]; crop = (npix - C.shape[-1]) // 2   # the fitted window, whatever crop the fit used
     x, y = (t[crop:npix - crop, crop:npix - crop].numpy() for t in pixel_grid(npix, pixel_scale, dtype=torch.float64))
-    kvar = 1 / (4 * math.pi * smooth ** 2)    # variance of Gaussian-smoothed unit white noise
+    Z = residual_significance(C, M, smooth)
     rows = []
-    for f, c, m in zip(fits, C.astype(np.float64), M.astype(np.float64)):
-        z2 = gaussian_filter(c - m, smooth) ** 2 / (gaussian_filter(m, smooth) * kvar)   # ~1 where only photon noise is left
+    for f, z in zip(fits, Z):
         r = np.hypot(x - f["x0"], y - f["y0"]) / f["theta_E"]
-        zone = lambda lo, hi: float(z2[(r >= lo) & (r < hi)].mean())
+        zone = lambda lo, hi: float((z[(r >= lo) & (r < hi)] ** 2).mean())   # chi^2 per pixel: ~1 where only photon noise is left
         rows.append(dict(deviance_per_pixel=f["deviance_per_pixel"], chi2_inner=zone(0, zones[0]),
                          chi2_ring=zone(*zones), chi2_outer=zone(zones[1], np.inf),
                          lens_e2_abs=abs(f["e2"]), centre_offset=math.hypot(f["x0"], f["y0"]),
                          **{f"fit_{k}": v for k, v in f.items() if k != "deviance_per_pixel"}))
-    return pd.DataFrame(rows)
+    return (pd.DataFrame(rows), Z.astype(np.float32)) if return_maps else pd.DataFrame(rows)
 
 # %% ../nbs/02a_lensfit.ipynb #06f8bc4e
 def residual_classifier(features, # `residual_features` of simulated training images (DataFrame or array)
@@ -172,3 +183,14 @@ def residual_classifier(features, # `residual_features` of simulated training im
         raise DeepLenseError(f"residual_classifier wants finite features; rows {np.flatnonzero(~np.isfinite(X).all(1))[:10].tolist()} are not")
     clf = make_pipeline(FunctionTransformer(np.log1p), StandardScaler(), LogisticRegression(C=C, max_iter=5000))
     return clf.fit(X, np.asarray(labels))
+
+# %% ../nbs/02a_lensfit.ipynb #de374efd
+def residual_cnn_input(z, # (B, H, W) `residual_significance` maps (e.g. from `residual_features(..., return_maps=True)`)
+                       bin: int = 2, # average over bin x bin blocks
+                       clip: float = 2.5, # block-mean significance clipped to +-clip, then divided by it
+                      ) -> torch.Tensor:
+    "Network input of residual maps: `(B, 1, H // bin, W // bin)` float32 in [-1, 1]."
+    t = torch.as_tensor(np.asarray(z), dtype=torch.float32)
+    if t.dim() != 3 or bin < 1 or clip <= 0:
+        raise DeepLenseError(f"residual_cnn_input wants (B, H, W) maps, bin >= 1 and clip > 0; got shape {tuple(t.shape)}, bin={bin}, clip={clip}")
+    return F.avg_pool2d(t[:, None], bin).clamp(-clip, clip) / clip

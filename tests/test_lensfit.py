@@ -8,8 +8,8 @@ from deeplense_nb.core import DeepLenseError
 from deeplense_nb.physics import alpha_sie, alpha_shear, ellipticity_to_q_phi, lens_equation, pixel_grid, sersic
 from deeplense_nb.simulate import get_preset, simulate_batch
 from deeplense_nb import lensfit
-from deeplense_nb.lensfit import (fit_smooth_lens, residual_features, residual_classifier, RESIDUAL_FEATURES,
-                                  GEOMETRY_FEATURES)
+from deeplense_nb.lensfit import (fit_smooth_lens, residual_features, residual_classifier, residual_cnn_input,
+                                  residual_significance, RESIDUAL_FEATURES, GEOMETRY_FEATURES)
 
 def _smooth_model_v1(P: dict, x, y, pixel_scale: float, gain: float = 1.0) -> torch.Tensor:
     "Frozen copy of the fitter's model before it moved onto `physics.smooth_lens_image` (own separable PSF); `gain` as in the binned search."
@@ -55,6 +55,26 @@ def test_residual_features_see_substructure():
     assert all(c.startswith("fit_") for c in f.columns[len(cols):]) and {"fit_theta_E", "fit_psf_fwhm", "fit_retried"} <= set(f.columns)
     assert f.loc[0, "chi2_ring"] < 1.5 and f.loc[0, "deviance_per_pixel"] < 1.25, f
     assert f.loc[1, "chi2_ring"] > 2 * f.loc[0, "chi2_ring"], f
+
+def test_residual_maps_carry_the_features():
+    "The maps `return_maps` adds are the ones behind the zone chi^2s, and asking for them changes no feature."
+    x, _, _ = simulate_batch(2, preset=get_preset("model_i", vort_mass=3e11), labels=[0, 2], seed=5)
+    kw = dict(starts=2, steps=60, refine=40, crop=25)
+    f, z = residual_features(x, return_maps=True, **kw)
+    assert z.shape == (2, 100, 100) and z.dtype == np.float32 and f.equals(residual_features(x, **kw))
+    zones = f[["chi2_inner", "chi2_ring", "chi2_outer"]].values   # the zones tile the map: its mean z^2 lies among theirs
+    assert ((zones.min(1) <= (z ** 2).mean((1, 2)) + 1e-6) & ((z ** 2).mean((1, 2)) <= zones.max(1) + 1e-6)).all(), (zones, z)
+    xin = residual_cnn_input(z, bin=2)
+    assert xin.shape == (2, 1, 50, 50) and float(xin.abs().max()) <= 1
+    assert torch.allclose(xin[:, 0], (torch.tensor(z).reshape(2, 50, 2, 50, 2).mean((2, 4)) / 2.5).clamp(-1, 1), atol=1e-6)
+    with pytest.raises(DeepLenseError, match="bin >= 1"): residual_cnn_input(z, bin=0)
+
+def test_residual_significance_is_unit_normal_for_photon_noise():
+    "Only photon noise left: the smoothed significance has mean 0 and variance 1, at low and high counts alike."
+    rng = np.random.default_rng(1)
+    for mu in (5.0, 500.0):
+        m = np.full((200, 48, 48), mu); z = residual_significance(rng.poisson(m), m, smooth=1.5)[:, 10:-10, 10:-10]
+        assert abs(z.mean()) < 0.03 and abs(z.var() - 1) < 0.08, (mu, z.mean(), z.var())
 
 def test_residual_features_real_samples(real_samples):
     "On the real Task I samples the smooth model explains every `no` image to the noise; vortices leave residuals."
