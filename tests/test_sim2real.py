@@ -12,6 +12,7 @@ def test_sim2real_quick(tmp_path, cli):
     n_real = len([f for f in Path(m["real_dir"]).rglob("*.npy") if f.parent.name in CLASSES_T1])
     assert set(m["methods"]) >= {"residual", "cnn", "residual_cnn", "residual+residual_cnn"} and m["best_method"] in m["methods"]
     assert m["n_real"] == n_real > 0 and m["methods"]["residual_cnn"]["n_networks"] == m["settings"]["rcnn_seeds"] >= 1
+    assert len(m["methods"]["residual_cnn"]["auc_macro_single_networks"]) == m["settings"]["rcnn_seeds"]
     assert (out / "residual_cnn_0" / "best.ckpt").is_file() and (out / "residual_maps.png").is_file()
     assert not (out / "residual_maps").exists()   # the network inputs are not kept: they are rebuilt from the seed
     for name, v in m["methods"].items():
