@@ -11,7 +11,8 @@ steps of a classifier on the same images, so the JSON says whether the simulator
 lenstronomy is the engine DeepLenseSim used to make the real Task I data; the comparison renders the same physics
 (SIE + external shear, 25 point-mass subhalos or a 100-point vortex, elliptical Sersic source, Gaussian PSF,
 Poisson noise) at the same size with both codes. Writes JSON (`--out DIR/bench_simulate.json`).
-Run: python benchmarks/bench_simulate.py [--n 240] [--device cuda] [--repeat 3] [--train-model resnet18]
+Run: python benchmarks/bench_simulate.py [--n 240] [--n-per-image N] [--batch B] [--device cuda] [--repeat 3] [--train-model resnet18]
+Every figure is written to the JSON as soon as it is measured ("complete": true once all are).
 """
 import argparse, json, math, platform, time
 from pathlib import Path
@@ -107,41 +108,50 @@ def bench_lenstronomy(truth, n, repeat):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=240, help="Model I images to render")
+    ap.add_argument("--n", type=int, default=240, help="Model I images per timed call of the batched engine")
+    ap.add_argument("--n-per-image", type=int, default=None, help="images per timed call of the per-image reference (default: --n)")
+    ap.add_argument("--batch", type=int, default=None, help="batched engine: images rendered at once (default 256 on CPU, 2048 on CUDA)")
     ap.add_argument("--n-lenstronomy", type=int, default=60, help="images for lenstronomy (slower)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cuda figures only when a GPU exists)")
     ap.add_argument("--repeat", type=int, default=3, help="timed repetitions (medians reported)")
     ap.add_argument("--train-model", default="resnet18", help="classifier whose training speed is compared ('' to skip)")
+    ap.add_argument("--train-batch", type=int, default=None, help="training batch of --train-model (default 32 on CPU, 128 on CUDA)")
     ap.add_argument("--out", default="bench_results")
     a = ap.parse_args()
-    if a.device.startswith("cuda") and not torch.cuda.is_available(): raise SystemExit("--device cuda: no GPU on this machine")
+    cuda = a.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available(): raise SystemExit("--device cuda: no GPU on this machine")
+    batch, n1 = a.batch or (2048 if cuda else 256), a.n_per_image or a.n
+    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     res = dict(benchmark="simulate", machine=platform.processor() or platform.machine(), torch_threads=torch.get_num_threads(),
-               device=a.device, n=a.n, repeat=a.repeat)
-    if a.device.startswith("cuda"): res["gpu"] = torch.cuda.get_device_name(0)
-    res["batched_model_i_img_per_s"], res["batched_model_i_runs"] = bench_batched(a.n, a.device, a.repeat)
-    res["per_image_model_i_img_per_s"], res["per_image_model_i_runs"] = bench_per_image(a.n, a.device, a.repeat)
-    res["batched_over_per_image"] = res["batched_model_i_img_per_s"] / res["per_image_model_i_img_per_s"]
-    res["model_i_img_per_s"], res["model_i_runs"], truth = bench_render(a.n, a.device, a.repeat)   # render only, from drawn truth
-    nl = max(a.n // 2, 20)
-    res["batched_lens_finding_img_per_s"], _ = bench_batched(nl * 4, a.device, a.repeat, preset="lens_finding", batch=256)
-    res["lens_finding_img_per_s"], res["lens_finding_runs"] = bench_lens_finding_per_image(nl, a.device, a.repeat)
-    res["batched_over_per_image_lens_finding"] = res["batched_lens_finding_img_per_s"] / res["lens_finding_img_per_s"]
+               device=a.device, n=a.n, n_per_image=n1, batch=batch, repeat=a.repeat, complete=False)
+    if cuda: res["gpu"] = torch.cuda.get_device_name(0)
+    def record(**kw):   # every figure is written as soon as it is measured: a run stopped by a timeout keeps what it has
+        res.update(kw)
+        (out / "bench_simulate.json").write_text(json.dumps(res, indent=2) + "\n")
+        print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in kw.items() if not k.endswith("runs")), flush=True)
+    record(**dict(zip(("batched_model_i_img_per_s", "batched_model_i_runs"), bench_batched(a.n, a.device, a.repeat, batch=batch))))
+    record(**dict(zip(("per_image_model_i_img_per_s", "per_image_model_i_runs"), bench_per_image(n1, a.device, a.repeat))))
+    record(batched_over_per_image=res["batched_model_i_img_per_s"] / res["per_image_model_i_img_per_s"])
+    rate, runs, truth = bench_render(n1, a.device, a.repeat)   # render only, from drawn truth
+    record(model_i_img_per_s=rate, model_i_runs=runs)
+    nl = max(n1 // 2, 20)
+    record(batched_lens_finding_img_per_s=bench_batched(a.n, a.device, a.repeat, preset="lens_finding", batch=batch)[0])
+    record(**dict(zip(("lens_finding_img_per_s", "lens_finding_runs"), bench_lens_finding_per_image(nl, a.device, a.repeat))))
+    record(batched_over_per_image_lens_finding=res["batched_lens_finding_img_per_s"] / res["lens_finding_img_per_s"])
     if a.train_model:
-        res["train_model"] = a.train_model
-        res["train_img_per_s"], res["train_runs"] = bench_train(a.train_model, a.device, a.repeat)
-        res["sim_over_train"] = res["batched_model_i_img_per_s"] / res["train_img_per_s"]
+        tb = a.train_batch or (128 if cuda else 32)
+        record(train_model=a.train_model, train_batch=tb,
+               **dict(zip(("train_img_per_s", "train_runs"), bench_train(a.train_model, a.device, a.repeat, batch=tb))))
+        record(sim_over_train=res["batched_model_i_img_per_s"] / res["train_img_per_s"])
     try:
         import lenstronomy
         res["lenstronomy_version"] = lenstronomy.__version__
-        res["lenstronomy_model_i_img_per_s"], res["lenstronomy_runs"] = bench_lenstronomy(truth, min(a.n_lenstronomy, a.n), min(a.repeat, 2))
-        res["speedup_vs_lenstronomy"] = res["model_i_img_per_s"] / res["lenstronomy_model_i_img_per_s"]
-        res["batched_over_lenstronomy"] = res["batched_model_i_img_per_s"] / res["lenstronomy_model_i_img_per_s"]
+        r, runs = bench_lenstronomy(truth, min(a.n_lenstronomy, n1), min(a.repeat, 2))
+        record(lenstronomy_model_i_img_per_s=r, lenstronomy_runs=runs, speedup_vs_lenstronomy=res["model_i_img_per_s"] / r,
+               batched_over_lenstronomy=res["batched_model_i_img_per_s"] / r)
     except ImportError:
-        res["lenstronomy_version"] = None
-        res["note"] = "lenstronomy not installed (pip install 'deeplense-nb[bench]'): no comparison"
-    res["full_task1_minutes_estimate"] = 37_500 / res["batched_model_i_img_per_s"] / 60
-    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_simulate.json").write_text(json.dumps(res, indent=2) + "\n")
+        res.update(lenstronomy_version=None, note="lenstronomy not installed (pip install 'deeplense-nb[bench]'): no comparison")
+    record(full_task1_minutes_estimate=37_500 / res["batched_model_i_img_per_s"] / 60, complete=True)
     print(json.dumps(res, indent=2))
 
 if __name__ == "__main__":

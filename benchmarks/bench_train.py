@@ -72,7 +72,9 @@ def compare(name, make_model, runs, *, repeats, dev, warmup=None, quiet=False):
     keep the fastest wall and process-CPU time. `warmup(variant)` runs each once untimed first (lazy init, caches)."""
     init = make_model().state_dict()
     if warmup is not None:
-        for k in runs: m = make_model(); m.load_state_dict(init); warmup(k)(m.to(dev)); sync(dev)
+        for k in runs:
+            t0 = time.perf_counter(); m = make_model(); m.load_state_dict(init); warmup(k)(m.to(dev)); sync(dev)
+            if not quiet: print(f"  [{name}] warm-up {k:>8}: wall {time.perf_counter() - t0:.3f}s", flush=True)
     wall = {k: float("inf") for k in runs}; cpu = dict(wall); result = {}; steps = {k: [] for k in runs}
     for r in range(repeats):
         for k in (list(runs) if r % 2 == 0 else list(runs)[::-1]):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # gpu_check.sh: every GPU measurement of deeplense_nb in one run, one JSON.
 #
-# Steps (each under `timeout`; the whole run is sized for <= 8 minutes on one H100/H200):
+# Steps (each under `timeout`; the whole run is sized for <= 8 minutes on one H100/H200; measured on an H200, 2026-11-27):
 #   simulate   benchmarks/bench_simulate.py --device cuda        simulator images/s
 #   train      benchmarks/bench_train.py --sections device_path   plain fp32 file-reading loop vs ordinary Learner vs
 #                                                                 device-resident path (8,192 images 1x150x150, ResNet-18)
@@ -12,8 +12,9 @@
 # and OUT/gpu_check.log (every step's output). Without a GPU it runs tiny CPU versions of simulate, train and diffusion,
 # skips demo and pytest -m cuda, and says so in the JSON.
 #
-#   bash benchmarks/gpu_check.sh [--out DIR] [--dry-run] [--python PY] [--fetch-wheels]
+#   bash benchmarks/gpu_check.sh [--out DIR] [--steps A,B] [--dry-run] [--python PY] [--fetch-wheels]
 #     --out DIR   where gpu_check.json and gpu_check.log go (default: $OUT if set, else ./gpu_check_out)
+#     --steps A,B only these steps (simulate,train,demo,diffusion,pytest); the others are "skipped" (e.g. a rerun of failed ones)
 #     --dry-run   list the steps and their commands, write the JSON with every step "planned", run nothing
 #     --python    the interpreter (default: $PYTHON, else python3)
 #     --fetch-wheels  download (here, with network) the wheels the device machine lacks into benchmarks/wheels, then exit
@@ -30,10 +31,11 @@
 set -u
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/.." && pwd)"
-OUTDIR="${OUT:-gpu_check_out}"; DRY=0; PY="${PYTHON:-python3}"
+OUTDIR="${OUT:-gpu_check_out}"; DRY=0; PY="${PYTHON:-python3}"; ONLY=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUTDIR="$2"; shift 2;;
+    --steps) ONLY=",$2,"; shift 2;;
     --dry-run) DRY=1; shift;;
     --python) PY="$2"; shift 2;;
     --fetch-wheels)
@@ -83,6 +85,7 @@ step() {
   local name="$1" limit="$2" skip="$3" extract="$4"; shift 4
   local dir="$WORK/$name"; mkdir -p "$dir"
   local cmd="$*"; local status rc=null secs=0
+  if [ -n "$ONLY" ] && [[ "$ONLY" != *",$name,"* ]]; then skip="not in --steps${ONLY%,}"; skip="${skip/--steps,/--steps }"; fi
   if [ $DRY -eq 1 ]; then status=planned; echo "== $name (timeout ${limit}s): ${skip:+skipped: $skip}${cmd}" | tee -a "$LOG"
   elif [ -n "$skip" ]; then status=skipped; echo "== $name: skipped ($skip)" | tee -a "$LOG"
   else
@@ -113,11 +116,11 @@ EOF
 # --- the steps -----------------------------------------------------------------------------------------------------
 if [ -n "$GPU" ]; then
   NOGPU=""
-  step simulate 45 "" 'load("bench_simulate.json")' \
-    '"$PY"' -u benchmarks/bench_simulate.py --device cuda --n 2048 --n-lenstronomy 2 --out '"$STEPDIR"'
-  step train 120 "" '(load("bench_train.json") or {}).get("device_path")' \
-    '"$PY"' -u benchmarks/bench_train.py --sections device_path --device cuda --repeats 1 --out '"$STEPDIR"'
-  step demo 140 "" '{"train": {k: (load("demo/train/metrics.json") or {}).get(k) for k in ("roc_auc", "train_time_s", "epochs", "device")}, "report": {k: (load("demo/report/metrics.json") or {}).get(k) for k in ("auc_macro", "accuracy", "auc_per_class")}, "goal_total_s_max": 90}' \
+  step simulate 60 "" 'load("bench_simulate.json")' \
+    '"$PY"' -u benchmarks/bench_simulate.py --device cuda --n 16384 --batch 2048 --n-per-image 256 --repeat 2 --n-lenstronomy 2 --out '"$STEPDIR"'
+  step train 100 "" '(load("bench_train.json") or {}).get("device_path")' \
+    '"$PY"' -u benchmarks/bench_train.py --sections device_path --device cuda --n 4096 --repeats 1 --out '"$STEPDIR"'
+  step demo 150 "" '{"train": {k: (load("demo/train/metrics.json") or {}).get(k) for k in ("roc_auc", "train_time_s", "epochs", "device")}, "report": {k: (load("demo/report/metrics.json") or {}).get(k) for k in ("auc_macro", "accuracy", "auc_per_class")}, "goal_total_s_max": 90}' \
     '"$PY"' -u -m deeplense_nb.cli demo --device cuda --out '"$STEPDIR"'/demo
   step diffusion 100 "" '{k: (load("bench_diffusion.json") or {}).get(k) for k in ("gpu", "training", "sampling", "goals")}' \
     '"$PY"' -u benchmarks/bench_diffusion.py --device cuda --ddpm-steps 0 --train-steps 20 --repeats 1 --out '"$STEPDIR"'

@@ -264,6 +264,7 @@ def train_classifier(data, # dataset folder (real or simulated layout) or packed
     if world > 1 and cfg.device_data == "on": raise DeepLenseError("device_data=\"on\" holds all the data in one process; under torchrun use auto or off.")
     dd = cfg.device_data if world == 1 else "off"  # DDP shards a BatchLoader; device-resident loaders are single-process
     seed_everything(cfg.seed, deterministic=cfg.deterministic)
+    if dev.type == "cuda" and not cfg.deterministic: torch.backends.cudnn.benchmark = True  # fixed-size batches: cuDNN times its convolution algorithms once, keeps the fastest
     dls = get_dataloaders(data, task=TASKS.get(cfg.task) if cfg.task else None, batch_size=cfg.batch_size,
                           val_frac=cfg.val_frac, seed=cfg.seed, augment=_augment(cfg.augment, cfg.seed), num_workers=cfg.num_workers,
                           balance=cfg.balance, subset=cfg.subset, device=dev if dd != "off" else None, device_data=dd,

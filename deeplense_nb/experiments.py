@@ -15,7 +15,8 @@ import papermill as pm
 import deeplense_nb
 from . import simulate as S
 from .core import DeepLenseError, check_choice, env_info, get_device
-from .simulate import get_preset, simulate_task1
+from .simulate import get_preset
+from .data import DataError, PackedDataset, simulate_to_store
 from .classify import train_classifier
 from .evaluation import evaluate
 
@@ -213,10 +214,17 @@ def cross_validate(data, *, folds: int = 5, out: str | Path = "runs/cv", **train
     return res
 
 # %% ../nbs/11_experiments.ipynb #b9176014
-DEMO_CPU = dict(preset="deeplensesim_recipe", n_train=4500, n_val=750, model="lensnet", epochs=10, batch_size=16, lr=2e-3)
-DEMO_GPU = dict(preset="model_i", n_train=30000, n_val=7500, model="resnet18", epochs=20, batch_size=128, lr=2e-3)
+DEMO_CPU = dict(preset="deeplensesim_recipe", n_train=4500, n_val=750, model="lensnet", epochs=10, batch_size=16, lr=2e-3, sim_batch=256)
+DEMO_GPU = dict(preset="model_i", n_train=30000, n_val=7500, model="resnet18", epochs=20, batch_size=128, lr=2e-3, sim_batch=2048)
 
 # %% ../nbs/11_experiments.ipynb #466bd3df
+def _demo_data_matches(store: Path, cfg: dict, seed: int) -> bool:
+    "True when `store` holds the Task I set `cfg` and `seed` describe (so a second `make demo` skips the simulation)."
+    try: man = PackedDataset(store).manifest
+    except (DataError, OSError): return False
+    return bool(man) and man["preset"] == json.loads(get_preset(cfg["preset"]).to_json()) and man["seed"] == seed and \
+        [sum(man["counts"][s].values()) for s in ("train", "val")] == [cfg["n_train"], cfg["n_val"]]
+
 def run_demo(out: str | Path = "demo_out", *, device: str = "auto", seed: int = 0, **overrides) -> dict:
     "Simulate -> train -> evaluate -> report, printing each step; returns the evaluation metrics."
     dev = get_device(device)
@@ -226,15 +234,13 @@ def run_demo(out: str | Path = "demo_out", *, device: str = "auto", seed: int = 
     say = lambda s: print(f"[demo {time.time() - t_all:6.0f}s] {s}", flush=True)
     info = env_info(dev)
     say(f"deeplense_nb {info['deeplense_nb']}, torch {info['torch']}, device {info['device']}; settings {cfg}")
-    data = out / "data"
-    man = json.loads((data / "manifest.json").read_text()) if (data / "manifest.json").exists() else None
-    if man and man["preset"] == json.loads(get_preset(cfg["preset"]).to_json()) and man["seed"] == seed and \
-            man["dtype"] == "float32" and [sum(man["counts"][s].values()) for s in ("train", "val")] == [cfg["n_train"], cfg["n_val"]]:
-        say(f"1/3 reusing the simulated Task I set in {data}")
+    data = out / "data.store"   # one packed store: no per-image files to write, then read back, on the way to the device
+    if _demo_data_matches(data, cfg, seed):
+        say(f"1/3 reusing the simulated Task I store {data}")
     else:
         t0 = time.time()
-        simulate_task1(data, n_train=cfg["n_train"], n_val=cfg["n_val"], seed=seed, preset=cfg["preset"], dtype="float32",
-                       device=dev, overwrite=True)
+        simulate_to_store(data, "task1", n_train=cfg["n_train"], n_val=cfg["n_val"], seed=seed, preset=cfg["preset"], device=dev,
+                          batch_size=cfg["sim_batch"], overwrite=True)
         say(f"1/3 simulated {cfg['n_train']} + {cfg['n_val']} Model I images (preset {cfg['preset']}; no/sphere/vort) into {data} in {time.time() - t0:.0f}s")
     t0 = time.time()
     tm = train_classifier(data, task="substructure", model=cfg["model"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],

@@ -38,3 +38,21 @@ def test_run_failure_keeps_notebook(cli, tmp_path):
     r = cli("run", "task1", "-p", "quick", "True", "-p", "data_dir", str(tmp_path / "missing"), "--out", tmp_path / "f", check=False)
     assert r.returncode != 0 and "failed in cell" in r.stderr
     assert (tmp_path / "f" / "task1.ipynb").exists()
+
+def test_demo_simulates_into_a_store_and_reuses_it(tmp_path, capsys):
+    from deeplense_nb.data import DataError, PackedDataset
+    from deeplense_nb.experiments import run_demo
+    tiny = dict(n_train=30, n_val=15, epochs=1)
+    m = run_demo(tmp_path / "d", device="cpu", **tiny)
+    assert {"auc_macro", "accuracy"} <= set(m) and (tmp_path / "d" / "report" / "metrics.json").is_file()
+    man = PackedDataset(tmp_path / "d" / "data.store").manifest
+    assert [sum(man["counts"][s].values()) for s in ("train", "val")] == [30, 15]
+    assert "1/3 simulated" in capsys.readouterr().out
+    run_demo(tmp_path / "d", device="cpu", **tiny)
+    assert "1/3 reusing" in capsys.readouterr().out                       # same settings: the store is reused
+    run_demo(tmp_path / "d", device="cpu", **{**tiny, "n_train": 36})
+    assert "1/3 simulated" in capsys.readouterr().out                     # other settings: simulated again
+    assert len(PackedDataset(tmp_path / "d" / "data.store", split="train")) == 36
+    (tmp_path / "e" / "data.store").mkdir(parents=True); (tmp_path / "e" / "data.store" / "mine.txt").write_text("keep")
+    with pytest.raises(DataError, match="not a packed store"): run_demo(tmp_path / "e", device="cpu", **tiny)
+    assert (tmp_path / "e" / "data.store" / "mine.txt").read_text() == "keep"   # a folder that is not a store is never replaced

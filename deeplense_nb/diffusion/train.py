@@ -149,6 +149,7 @@ def train_diffusion(data, # images `(N, C, H, W)` in [0, 1], `(images, labels)`,
     gd = _objective_for(xb, classes, unet=unet, conditional=conditional, timesteps=timesteps, schedule=schedule,
                         objective=objective, ssim_weight=ssim_weight, p_uncond=p_uncond)
     dev = get_device(device)
+    if dev.type == "cuda": torch.backends.cudnn.benchmark = True  # fixed-size batches: cuDNN times its convolution algorithms once, keeps the fastest
     plateau = {"monitor": "valid_loss" if valid_dl is not None else "train_loss", "patience": plateau_patience, "factor": plateau_factor}
     cbs, amp = _diffusion_cbs(dev, ema_decay=ema_decay, warmup=warmup, lr=lr, clip=clip, amp=amp, extra=cbs, compile=compile,
                               channels_last=dev.type == "cuda" if channels_last is None else channels_last,
