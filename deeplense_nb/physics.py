@@ -6,19 +6,19 @@ Docs: https://ml4sci.github.io/deeplense_nb/physics.html.md"""
 
 # %% ../nbs/01_physics.ipynb #89b595c0
 from __future__ import annotations
-import math
+import functools, importlib.util, math, warnings
 import torch
 from .core import check_choice
 import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['C_KM_S', 'G_OVER_C2_MPC_MSUN', 'ARCSEC_PER_RAD', 'FWHM_PER_SIGMA', 'comoving_distance', 'angular_diameter_distance',
-           'angular_diameter_distance_z1z2', 'luminosity_distance', 'theta_E_point_mass', 'theta_E_sis', 'theta_E_halo',
-           'pixel_grid', 'alpha_sis', 'alpha_sie', 'alpha_shear', 'ellipticity_to_q_phi', 'q_phi_to_ellipticity',
-           'alpha_point_masses', 'vortex_positions', 'alpha_vortex', 'lens_equation', 'convergence_sie',
-           'convergence_from_alpha', 'magnification', 'sersic_bn', 'sersic', 'gaussian_psf', 'convolve',
-           'poisson_noise', 'gaussian_noise', 'psf_radius', 'gaussian_taps', 'psf_blur', 'alpha_sie_shear',
+__all__ = ['C_KM_S', 'G_OVER_C2_MPC_MSUN', 'ARCSEC_PER_RAD', 'FUSED_POINT_MASSES', 'FWHM_PER_SIGMA', 'comoving_distance',
+           'angular_diameter_distance', 'angular_diameter_distance_z1z2', 'luminosity_distance', 'theta_E_point_mass',
+           'theta_E_sis', 'theta_E_halo', 'pixel_grid', 'alpha_sis', 'alpha_sie', 'alpha_shear', 'ellipticity_to_q_phi',
+           'q_phi_to_ellipticity', 'alpha_point_masses', 'vortex_positions', 'alpha_vortex', 'lens_equation',
+           'convergence_sie', 'convergence_from_alpha', 'magnification', 'sersic_bn', 'sersic', 'gaussian_psf',
+           'convolve', 'poisson_noise', 'gaussian_noise', 'psf_radius', 'gaussian_taps', 'psf_blur', 'alpha_sie_shear',
            'smooth_lens_image']
 
 # %% ../nbs/01_physics.ipynb #49b65118
@@ -147,12 +147,53 @@ def q_phi_to_ellipticity(q, phi) -> tuple[Tensor, Tensor]:
     c = (1 - q) / (1 + q)
     return c * torch.cos(2 * phi), c * torch.sin(2 * phi)
 
+# %% ../nbs/01_physics.ipynb #44fd718d
+FUSED_POINT_MASSES = True   # CUDA float32: sum the point masses in one fused Triton kernel (False: the torch loop, e.g. to compare)
+
+@functools.cache
+def _point_mass_kernel():
+    "The fused kernel, built on first use: one program per block of pixels of one image, the N masses summed in registers."
+    import triton, triton.language as tl
+    @triton.jit
+    def kernel(X, Y, TE2, XS, YS, AX, AY, HW, N, s2, BLOCK: tl.constexpr):
+        b = tl.program_id(1).to(tl.int64); offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK); m = offs < HW
+        x, y = tl.load(X + offs, mask=m, other=0.0), tl.load(Y + offs, mask=m, other=0.0)
+        ax, ay = tl.zeros([BLOCK], dtype=tl.float32), tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(N):
+            dx, dy = x - tl.load(XS + b * N + i), y - tl.load(YS + b * N + i)
+            w = tl.load(TE2 + b * N + i) / (dx * dx + dy * dy + s2)
+            ax += w * dx; ay += w * dy
+        tl.store(AX + b * HW + offs, ax, mask=m); tl.store(AY + b * HW + offs, ay, mask=m)
+    return kernel
+
+# %% ../nbs/01_physics.ipynb #a86f775d
+def _point_masses_fused(x: Tensor, y: Tensor, te2: Tensor, xs: Tensor, ys: Tensor, s: float, block: int = 1024):
+    "`_point_masses_blocked` as one kernel launch (float32): the grid is read once instead of 9 times per mass."
+    import triton
+    (B, N), HW = te2.shape, x.numel()
+    ax, ay = x.new_empty(B, HW), x.new_empty(B, HW)
+    args = [t.contiguous().float().reshape(-1) for t in (x, y)]
+    for b in range(0, B, 65535):   # the launch grid's second axis holds at most 65,535 images
+        p = [t[b:b + 65535].contiguous().float() for t in (te2, xs, ys)]
+        _point_mass_kernel()[(triton.cdiv(HW, block), len(p[0]))](*args, *p, ax[b:b + 65535], ay[b:b + 65535], HW, N, float(s * s), BLOCK=block)
+    return ax.view(B, *x.shape), ay.view(B, *x.shape)
+
+def _fused_failed(e: Exception):
+    "Turn the fused kernel off for this process, saying so once: the torch loop gives the same images, more slowly."
+    global FUSED_POINT_MASSES
+    if isinstance(e, torch.OutOfMemoryError): raise e
+    FUSED_POINT_MASSES = False
+    warnings.warn(f"the fused point-mass kernel failed ({type(e).__name__}: {str(e)[:200]}); using the torch loop from now on (same images, slower)")
+
 # %% ../nbs/01_physics.ipynb #98e34691
 def _point_masses_blocked(x: Tensor, y: Tensor, theta_E: Tensor, xs: Tensor, ys: Tensor, s: float, block: int | None):
-    "No-gradient path of `alpha_point_masses` for one `(H, W)` grid and `(B, N)` masses: images in cache-sized blocks on a CPU (all at once on a GPU)."
+    "No-gradient path of `alpha_point_masses` for one `(H, W)` grid and `(B, N)` masses: images in cache-sized blocks on a CPU, all at once (one fused kernel where Triton is installed) on a GPU."
     (B, N), (H, W) = theta_E.shape, x.shape
-    X, Y = x.reshape(1, -1), y.reshape(1, -1)
     te2, xs, ys = (theta_E * theta_E).to(x), xs.to(x), ys.to(x)
+    if FUSED_POINT_MASSES and x.is_cuda and x.dtype == torch.float32 and importlib.util.find_spec("triton"):
+        try: return _point_masses_fused(x, y, te2, xs, ys, s)
+        except (RuntimeError, ImportError, OSError) as e: _fused_failed(e)   # e.g. no C compiler for Triton's launcher
+    X, Y = x.reshape(1, -1), y.reshape(1, -1)
     ax, ay = x.new_zeros(B, H * W), x.new_zeros(B, H * W)
     step = block or (B if x.device.type != "cpu" else max(1, (1 << 15) // (H * W)))
     for b in range(0, B, step):
