@@ -310,8 +310,9 @@ def task1_counts(p: SimPreset, n_train: int, n_val: int) -> dict:
     return {split: dict(zip(p.classes, [n // len(p.classes) + (i < n % len(p.classes)) for i in range(len(p.classes))]))
             for split, n in (("train", n_train), ("val", n_val))}
 
-def task1_batches(p: SimPreset, counts: dict, *, seed: int = 0, device="cpu", batch_size: int = 128, engine: str = "batched"):
-    "Yield `(files, images (b, 1, H, W) float64 in [0, 1], truth rows)` for every batch of a Task I set, file by file in order."
+def task1_batches(p: SimPreset, counts: dict, *, seed: int = 0, device="cpu", batch_size: int = 128, engine: str = "batched",
+                  dtype: str = "float64"): # precision of the min-max scaling and of the images yielded
+    "Yield `(files, images (b, 1, H, W) in [0, 1] of `dtype`, truth rows)` for every batch of a Task I set, file by file in order."
     check_choice("engine", engine, ENGINES)
     for split, per in counts.items():
         for cls, k in per.items():
@@ -323,7 +324,8 @@ def task1_batches(p: SimPreset, counts: dict, *, seed: int = 0, device="cpu", ba
                     yield files, render(truth, p, device=device).cpu().numpy(), truth
                     continue
                 t = sample_truth_batch(p, [p.classes.index(cls)] * len(idx), seed=seed, split=f"{split}/{cls}", index=idx, device=device)
-                yield files, minmax(render_batch(t, p, normalize=False).cpu().double()).numpy(), _rows(t, _T1_KEYS, p)
+                img = minmax(render_batch(t, p, normalize=False).to(getattr(torch, dtype)))   # on the device: no host-side float64 pass
+                yield files, img.cpu().numpy(), _rows(t, _T1_KEYS, p)
 
 # %% ../nbs/02_simulate.ipynb #b3eaf16c
 def simulate_task1(out: str | Path, *, n_train: int = 30_000, # images in train/, split evenly over the classes
@@ -342,7 +344,7 @@ def simulate_task1(out: str | Path, *, n_train: int = 30_000, # images in train/
     with _writing(out, overwrite) as d, tqdm(total=total, desc=f"simulate {p.name}", unit="img", disable=not progress) as bar:
         for split in counts:
             for cls in p.classes: (d / split / cls).mkdir(parents=True)
-        for files, imgs, truth in task1_batches(p, counts, seed=seed, device=device, batch_size=batch_size, engine=engine):
+        for files, imgs, truth in task1_batches(p, counts, seed=seed, device=device, batch_size=batch_size, engine=engine, dtype=dtype):
             for rel, im, t in zip(files, imgs.astype(dtype), truth):
                 np.save(d / rel, im); rows.append(dict(file=rel, split=rel.split("/")[0], **t))
             bar.update(len(files))

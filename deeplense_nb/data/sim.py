@@ -33,7 +33,7 @@ def _plan(what: str, preset, seed: int, device, batch_size: int, engine: str, co
     "(preset, layout, batch generator, split of a file, manifest counts) of a simulated set."
     if what == "task1":
         p = get_preset(preset or "model_i"); c = task1_counts(p, **counts)
-        return p, "task1", task1_batches(p, c, seed=seed, device=device, batch_size=batch_size, engine=engine), lambda f: f.split("/")[0], c
+        return p, "task1", task1_batches(p, c, seed=seed, device=device, batch_size=batch_size, engine=engine, dtype="float32"), lambda f: f.split("/")[0], c
     p = preset or LensFindingPreset(); n = lens_finding_counts(p, **counts)
     man = {s: {"nonlens": n[f"{s}_nonlenses"], "lens": n[f"{s}_lenses"]} for s in ("train", "test")}
     return p, "task2", lens_finding_batches(p, n, seed=seed, device=device, batch_size=batch_size, engine=engine), lambda f: f.split("_")[0], man
