@@ -68,6 +68,7 @@ def main(argv=None) -> dict:
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--no-channels-last", action="store_true", help="contiguous (NCHW) layout on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the network for training and sampling")
+    p.add_argument("--patch", type=int, default=1, help="UNetConfig.patch: work on patch x patch pixel blocks (about patch^2 fewer FLOPs)")
     a = p.parse_args(argv)
     dev = get_device(a.device)
     cuda = dev.type == "cuda"
@@ -82,7 +83,7 @@ def main(argv=None) -> dict:
     amp = cuda and not a.no_amp
     if cuda: torch.backends.cudnn.benchmark = True
     cfg = UNetConfig(base_width=width, channel_mults=(1, 2, 2, 4) if size >= 64 else (1, 2, 2),
-                     attn_levels=(2, 3) if size >= 64 else (2,))
+                     attn_levels=(2, 3) if size >= 64 else (2,), patch=a.patch)
     torch.manual_seed(0)
     gd = GaussianDiffusion(UNet(cfg), image_size=size, timesteps=T, schedule="cosine", objective="v").to(dev)
     with torch.no_grad():  # zero-initialised output layers make sampling trivially cheap for some kernels; perturb
@@ -108,7 +109,7 @@ def main(argv=None) -> dict:
     if N: print(f"DDPM {N} steps: {ddpm['seconds']:.2f} s, DDIM {k} steps: {ddim_same['seconds']:.2f} s "
                 f"(x{res['sampling']['time_ratio_ddpm_over_ddim']:.1f} faster, {N / k:.0f}x fewer steps) for {pbatch} images")
     print(f"{size}x{size} on {dev}: training {train['images_per_s']:.1f} img/s at batch {tbatch}; DDIM-{k} sampling "
-          f"{ddim['images_per_s']:.1f} img/s at batch {batch} (channels_last {cl}, compile {a.compile}, bf16 {amp})")
+          f"{ddim['images_per_s']:.1f} img/s at batch {batch} (channels_last {cl}, compile {a.compile}, bf16 {amp}, patch {a.patch})")
     print(f"wrote {out / 'bench_diffusion.json'}")
     return res
 

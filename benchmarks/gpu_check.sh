@@ -6,7 +6,8 @@
 #   train      benchmarks/bench_train.py --sections device_path   plain fp32 file-reading loop vs ordinary Learner vs
 #                                                                 device-resident path (8,192 images 1x150x150, ResNet-18)
 #   demo       deeplense demo --device cuda                       simulate 37,500 + train + evaluate (goal <= 90 s), AUC
-#   diffusion  benchmarks/bench_diffusion.py --device cuda        training img/s, DDIM-50 sampling img/s (goals 1,000 / 200)
+#   diffusion  benchmarks/bench_diffusion.py --device cuda        training img/s, DDIM-50 sampling img/s (goals 1,000 / 200),
+#                                                                 with the full-resolution UNet and with --patch 2
 #   pytest     pytest -m cuda                                     the CUDA-only tests
 # Writes OUT/gpu_check.json (GPU name, and for every step: status ok|failed|timeout|skipped, exit code, seconds, figures)
 # and OUT/gpu_check.log (every step's output). Without a GPU it runs tiny CPU versions of simulate, train and diffusion,
@@ -122,8 +123,9 @@ if [ -n "$GPU" ]; then
     '"$PY"' -u benchmarks/bench_train.py --sections device_path --device cuda --n 4096 --repeats 1 --out '"$STEPDIR"'
   step demo 150 "" '{"train": {k: (load("demo/train/metrics.json") or {}).get(k) for k in ("roc_auc", "train_time_s", "epochs", "device")}, "report": {k: (load("demo/report/metrics.json") or {}).get(k) for k in ("auc_macro", "accuracy", "auc_per_class")}, "goal_total_s_max": 90}' \
     '"$PY"' -u -m deeplense_nb.cli demo --device cuda --out '"$STEPDIR"'/demo
-  step diffusion 100 "" '{k: (load("bench_diffusion.json") or {}).get(k) for k in ("gpu", "training", "sampling", "goals")}' \
-    '"$PY"' -u benchmarks/bench_diffusion.py --device cuda --ddpm-steps 0 --train-steps 20 --repeats 1 --out '"$STEPDIR"'
+  step diffusion 130 "" '{**{k: (load("bench_diffusion.json") or {}).get(k) for k in ("gpu", "training", "sampling", "goals")}, "patch2": {k: (load("patch2/bench_diffusion.json") or {}).get(k) for k in ("training", "sampling", "goals")}}' \
+    '"$PY"' -u benchmarks/bench_diffusion.py --device cuda --ddpm-steps 0 --train-steps 20 --repeats 1 --out '"$STEPDIR"' '&&' \
+    '"$PY"' -u benchmarks/bench_diffusion.py --device cuda --ddpm-steps 0 --train-steps 20 --repeats 1 --patch 2 --out '"$STEPDIR"'/patch2
   step pytest 60 "$( [ -z "$MISSING" ] || echo "missing python packages: $MISSING")" '{"junit": (d / "junit.xml").is_file()}' \
     '"$PY"' -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors --junitxml '"$STEPDIR"'/junit.xml tests
 else

@@ -21,6 +21,9 @@ def test_sim2real_quick(tmp_path, cli):
         assert len(v["auc_ci"]) == 2 and all(math.isfinite(x) and 0 <= x <= 1 for x in v["auc_ci"]) and v["auc_ci"][0] <= v["auc_ci"][1]
         cm = np.array(v["confusion"]); assert cm.shape == (3, 3) and cm.sum() == n_real
         assert (out / f"confusion_{name}.png").is_file()
+    sh = m["shift"]   # every method also scored images of a second simulator it never trained on
+    assert sh["preset"] == m["settings"]["shift_preset"] == "deeplensesim_recipe" and sh["n"] == m["settings"]["n_shift"] > 0
+    assert all(0 <= v["shift_auc_macro"] <= 1 for v in m["methods"].values())
     assert m["auc_macro"] == m["methods"][m["best_method"]]["auc_macro"] == max(v["auc_macro"] for v in m["methods"].values())
     fm = m["fit_match"]   # fit-matching: per-class medians of the residual features and the fit, real and simulated
     assert {f"{src} {c}" for src in ("real", "sim") for c in CLASSES_T1} <= set(fm)
