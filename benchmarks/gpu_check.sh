@@ -8,6 +8,8 @@
 #   demo       deeplense demo --device cuda                       simulate 37,500 + train + evaluate (goal <= 90 s), AUC
 #   diffusion  benchmarks/bench_diffusion.py --device cuda        training img/s, DDIM-50 sampling img/s (goals 1,000 / 200),
 #                                                                 with the full-resolution UNet and with --patch 2
+#   sim2real   deeplense run sim2real -p device cuda              opt-in (--steps ...,sim2real): the sim-to-real study with fits and
+#                                                                 training on the GPU, its wall time and results
 #   pytest     pytest -m cuda                                     the CUDA-only tests
 # Writes OUT/gpu_check.json (GPU name, and for every step: status ok|failed|timeout|skipped, exit code, seconds, figures)
 # and OUT/gpu_check.log (every step's output). Without a GPU it runs tiny CPU versions of simulate, train and diffusion,
@@ -15,7 +17,7 @@
 #
 #   bash benchmarks/gpu_check.sh [--out DIR] [--steps A,B] [--dry-run] [--python PY] [--fetch-wheels]
 #     --out DIR   where gpu_check.json and gpu_check.log go (default: $OUT if set, else ./gpu_check_out)
-#     --steps A,B only these steps (simulate,train,demo,diffusion,pytest); the others are "skipped" (e.g. a rerun of failed ones)
+#     --steps A,B only these steps (simulate,train,demo,diffusion,sim2real,pytest); the others are "skipped" (e.g. a rerun of failed ones)
 #     --dry-run   list the steps and their commands, write the JSON with every step "planned", run nothing
 #     --python    the interpreter (default: $PYTHON, else python3)
 #     --fetch-wheels  download (here, with network) the wheels the device machine lacks into benchmarks/wheels, then exit
@@ -23,7 +25,7 @@
 # Dependencies: the device machine has torch, torchvision, timm, scikit-learn... but not fastcore (which the package
 # imports), nbdev or papermill. Put their wheels in benchmarks/wheels/ (ignored by git: never commit wheels); the script
 # installs the wheels there whose package the interpreter lacks into a private folder and puts it on PYTHONPATH
-# (benchmarks/wheels/ is in .gitignore). Once, here, in the repo root (about 5 MB: fastcore, papermill, nbformat and
+# (benchmarks/wheels/ is in .gitignore). Once, here, in the repo root (fastcore, papermill, nbformat, ipykernel and
 # what they need, for CPython 3.12 x86-64):
 #   bash benchmarks/gpu_check.sh --fetch-wheels
 # Run it through the device tool in ONE call (about 8 minutes; the files come back under files_at):
@@ -43,7 +45,7 @@ while [ $# -gt 0 ]; do
       mkdir -p "$HERE/wheels"
       exec python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d "$HERE/wheels" fastcore papermill nbformat;;
+        -d "$HERE/wheels" fastcore papermill nbformat ipykernel;;
     -h|--help) sed -n '2,30p' "$0"; exit 0;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2;;
   esac
@@ -126,6 +128,8 @@ if [ -n "$GPU" ]; then
   step diffusion 130 "" '{**{k: (load("bench_diffusion.json") or {}).get(k) for k in ("gpu", "training", "sampling", "goals")}, "patch2": {k: (load("patch2/bench_diffusion.json") or {}).get(k) for k in ("training", "sampling", "goals")}}' \
     '"$PY"' -u benchmarks/bench_diffusion.py --device cuda --ddpm-steps 0 --train-steps 20 --repeats 1 --out '"$STEPDIR"' '&&' \
     '"$PY"' -u benchmarks/bench_diffusion.py --device cuda --ddpm-steps 0 --train-steps 20 --repeats 1 --patch 2 --out '"$STEPDIR"'/patch2
+  step sim2real 300 "$( [[ "$ONLY" == *",sim2real,"* ]] || echo "opt-in (about 3-5 minutes): --steps sim2real")" '{k: (load("s2r/metrics.json") or {}).get(k) for k in ("wall_time_s", "best_method", "auc_macro", "shift", "task2")}' \
+    '"$PY"' -u -m deeplense_nb.cli run sim2real -p device cuda --out '"$STEPDIR"'/s2r
   step pytest 60 "$( [ -z "$MISSING" ] || echo "missing python packages: $MISSING")" '{"junit": (d / "junit.xml").is_file()}' \
     '"$PY"' -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors --junitxml '"$STEPDIR"'/junit.xml tests
 else
@@ -137,6 +141,7 @@ else
   step demo 1 "$NOGPU (the CPU demo takes minutes: make demo)" ''
   step diffusion 300 "" '{k: (load("bench_diffusion.json") or {}).get(k) for k in ("training", "sampling", "goals")}' \
     '"$PY"' -u benchmarks/bench_diffusion.py --device cpu --size 16 --base-width 8 --timesteps 10 --ddpm-steps 0 --ddim-steps 3 --batch 4 --train-batch 4 --train-steps 2 --repeats 1 --out '"$STEPDIR"'
+  step sim2real 1 "$NOGPU (on a CPU: deeplense run sim2real)" ''
   step pytest 1 "$NOGPU (pytest -m cuda needs one)" ''
 fi
 

@@ -87,9 +87,18 @@ def test_gpu_check_dry_run(tmp_path):
     r = _gpu_check(tmp_path, "--dry-run", timeout=300)
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert res["dry_run"] is True and set(res["steps"]) == {"simulate", "train", "demo", "diffusion", "pytest"}
+    assert res["dry_run"] is True and set(res["steps"]) == {"simulate", "train", "demo", "diffusion", "sim2real", "pytest"}
     assert all(s["status"] == "planned" for s in res["steps"].values())
     assert "== train" in r.stdout
+
+def test_gpu_check_steps_selects(tmp_path):
+    "--steps runs only the named steps; the others are reported as skipped, with the reason."
+    r = _gpu_check(tmp_path, "--steps", "simulate", timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert res["steps"]["simulate"]["status"] == "ok" and res["steps"]["simulate"]["figures"]["complete"] is True
+    assert set(res["skipped"]) == {"train", "demo", "diffusion", "sim2real", "pytest"}
+    assert res["skipped"]["train"] == "not in --steps simulate"
 
 
 @pytest.mark.slow
@@ -98,6 +107,6 @@ def test_gpu_check_runs_without_a_gpu(tmp_path):
     r = _gpu_check(tmp_path, timeout=1500)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert res["gpu"] is None and set(res["skipped"]) == {"demo", "pytest"}
+    assert res["gpu"] is None and set(res["skipped"]) == {"demo", "sim2real", "pytest"}
     assert {k: s["status"] for k, s in res["steps"].items() if k not in res["skipped"]} == {"simulate": "ok", "train": "ok", "diffusion": "ok"}
     assert res["steps"]["train"]["figures"]["speedup_resident_vs_plain"] > 0
