@@ -142,5 +142,6 @@ def test_fused_point_masses_on_cuda_match_the_torch_loop(monkeypatch):
     idx = torch.arange(96)
     t = sb.sample_truth_batch("model_i", idx % 3, seed=0, split="train", index=idx, device="cuda")
     fused = sb.render_batch(t, "model_i", noise=False, normalize=False)
+    assert P.FUSED_POINT_MASSES, "the fused kernel failed and handed over to the loop (see the warning)"
     monkeypatch.setattr(P, "FUSED_POINT_MASSES", False)
     torch.testing.assert_close(fused, sb.render_batch(t, "model_i", noise=False, normalize=False), rtol=1e-4, atol=1e-3)
