@@ -23,7 +23,8 @@ def test_sim2real_quick(tmp_path, cli):
         assert (out / f"confusion_{name}.png").is_file()
     sh = m["shift"]   # every method also scored images of a second simulator it never trained on
     assert sh["preset"] == m["settings"]["shift_preset"] == "deeplensesim_recipe" and sh["n"] == m["settings"]["n_shift"] > 0
-    assert all(0 <= v["shift_auc_macro"] <= 1 for v in m["methods"].values())
+    assert all(0 <= v["shift_auc_macro"] <= 1 and np.array(v["shift_confusion"]).sum() == sh["n"] for v in m["methods"].values())
+    assert set(sh["feature_medians"]) == {f"{src} {c}" for src in ("model_i", "deeplensesim_recipe") for c in CLASSES_T1}
     assert m["auc_macro"] == m["methods"][m["best_method"]]["auc_macro"] == max(v["auc_macro"] for v in m["methods"].values())
     fm = m["fit_match"]   # fit-matching: per-class medians of the residual features and the fit, real and simulated
     assert {f"{src} {c}" for src in ("real", "sim") for c in CLASSES_T1} <= set(fm)
