@@ -14,7 +14,7 @@ Poisson noise) at the same size with both codes. Writes JSON (`--out DIR/bench_s
 Run: python benchmarks/bench_simulate.py [--n 240] [--n-per-image N] [--batch B] [--device cuda] [--repeat 3] [--train-model resnet18]
 Every figure is written to the JSON as soon as it is measured ("complete": true once all are).
 """
-import argparse, importlib.util, json, math, platform, time
+import argparse, json, math, platform, time
 from pathlib import Path
 import numpy as np
 import torch
@@ -132,10 +132,10 @@ def main():
     record(**dict(zip(("batched_model_i_img_per_s", "batched_model_i_runs"), bench_batched(a.n, a.device, a.repeat, batch=batch))))
     if cuda:   # the same engine with the point masses summed by the torch loop instead of the fused kernel
         from deeplense_nb import physics
-        record(fused_point_masses=physics.FUSED_POINT_MASSES and importlib.util.find_spec("triton") is not None)
+        fused = physics.FUSED_POINT_MASSES; record(fused_point_masses=fused and physics._HAS_TRITON)
         physics.FUSED_POINT_MASSES = False
         try: record(**dict(zip(("batched_torch_loop_img_per_s", "batched_torch_loop_runs"), bench_batched(a.n, a.device, a.repeat, batch=batch))))
-        finally: physics.FUSED_POINT_MASSES = True
+        finally: physics.FUSED_POINT_MASSES = fused
         record(fused_over_torch_loop=res["batched_model_i_img_per_s"] / res["batched_torch_loop_img_per_s"])
     record(**dict(zip(("per_image_model_i_img_per_s", "per_image_model_i_runs"), bench_per_image(n1, a.device, a.repeat))))
     record(batched_over_per_image=res["batched_model_i_img_per_s"] / res["per_image_model_i_img_per_s"])

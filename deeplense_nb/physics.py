@@ -149,6 +149,7 @@ def q_phi_to_ellipticity(q, phi) -> tuple[Tensor, Tensor]:
 
 # %% ../nbs/01_physics.ipynb #44fd718d
 FUSED_POINT_MASSES = True   # CUDA float32: sum the point masses in one fused Triton kernel (False: the torch loop, e.g. to compare)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None   # looked up once (triton itself is imported on first use)
 
 @functools.cache
 def _point_mass_kernel():
@@ -190,7 +191,7 @@ def _point_masses_blocked(x: Tensor, y: Tensor, theta_E: Tensor, xs: Tensor, ys:
     "No-gradient path of `alpha_point_masses` for one `(H, W)` grid and `(B, N)` masses: images in cache-sized blocks on a CPU, all at once (one fused kernel where Triton is installed) on a GPU."
     (B, N), (H, W) = theta_E.shape, x.shape
     te2, xs, ys = (theta_E * theta_E).to(x), xs.to(x), ys.to(x)
-    if FUSED_POINT_MASSES and x.is_cuda and x.dtype == torch.float32 and importlib.util.find_spec("triton"):
+    if FUSED_POINT_MASSES and _HAS_TRITON and x.is_cuda and x.dtype == torch.float32:
         try: return _point_masses_fused(x, y, te2, xs, ys, s)
         except (RuntimeError, ImportError, OSError) as e: _fused_failed(e)   # e.g. no C compiler for Triton's launcher
     X, Y = x.reshape(1, -1), y.reshape(1, -1)
