@@ -12,16 +12,17 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
+from scipy.stats import kstest
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
-from .core import DeepLenseError, get_device
+from .core import CLASSES_T1, DeepLenseError, get_device
 from .physics import ellipticity_to_q_phi, pixel_grid, smooth_lens_image
 from .simulate import count_scale
 
 # %% auto #0
 __all__ = ['RESIDUAL_FEATURES', 'GEOMETRY_FEATURES', 'fit_smooth_lens', 'residual_significance', 'residual_features',
-           'residual_classifier', 'residual_cnn_input']
+           'residual_classifier', 'population_check', 'residual_cnn_input']
 
 # %% ../nbs/02a_lensfit.ipynb #2344a332
 def _q_phi(e1, e2):
@@ -183,6 +184,27 @@ def residual_classifier(features, # `residual_features` of simulated training im
         raise DeepLenseError(f"residual_classifier wants finite features; rows {np.flatnonzero(~np.isfinite(X).all(1))[:10].tolist()} are not")
     clf = make_pipeline(FunctionTransformer(np.log1p), StandardScaler(), LogisticRegression(C=C, max_iter=5000))
     return clf.fit(X, np.asarray(labels))
+
+# %% ../nbs/02a_lensfit.ipynb #e62d1ec6
+def population_check(ref, # `residual_features` of the simulator's images (a DataFrame)
+                     ref_labels, # their integer classes
+                     new, # `residual_features` of other images (e.g. real ones)
+                     new_labels, # their integer classes
+                     *, columns: tuple = ("chi2_inner", "chi2_ring"), # summed: the substructure signal
+                     classes: tuple = CLASSES_T1,
+                    ) -> dict:
+    "Per class of `new`: each image's mid-rank quantile among the `ref` images of its class, their median and the KS p-value of uniformity (as drawn from `ref`'s population)."
+    sig = lambda f: np.asarray(f[list(columns)], dtype=np.float64).sum(1)
+    s_ref, s_new, y_ref, y_new = sig(ref), sig(new), np.asarray(ref_labels), np.asarray(new_labels)
+    out = {}
+    for c, cls in enumerate(classes):
+        r, v = np.sort(s_ref[y_ref == c]), s_new[y_new == c]
+        if not len(v): continue
+        if not len(r): raise DeepLenseError(f"population_check: no reference images of class {cls!r}")
+        q = (np.searchsorted(r, v, "left") + np.searchsorted(r, v, "right")) / (2 * len(r))
+        out[cls] = {"n": int(len(v)), "n_ref": int(len(r)), "quantiles": q.round(4).tolist(),
+                    "median_quantile": float(np.median(q)), "ks_p": float(kstest(q, "uniform").pvalue)}
+    return out
 
 # %% ../nbs/02a_lensfit.ipynb #de374efd
 def residual_cnn_input(z, # (B, H, W) `residual_significance` maps (e.g. from `residual_features(..., return_maps=True)`)

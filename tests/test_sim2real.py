@@ -26,6 +26,10 @@ def test_sim2real_quick(tmp_path, cli):
     assert all(0 <= v["shift_auc_macro"] <= 1 and np.array(v["shift_confusion"]).sum() == sh["n"] for v in m["methods"].values())
     assert set(sh["feature_medians"]) == {f"{src} {c}" for src in ("model_i", "deeplensesim_recipe") for c in CLASSES_T1}
     assert m["auc_macro"] == m["methods"][m["best_method"]]["auc_macro"] == max(v["auc_macro"] for v in m["methods"].values())
+    cs = m["consistency"]   # each class's real images among the simulated ones of both simulators: quantiles and KS p
+    assert set(cs) == {"model_i", "deeplensesim_recipe"} and all(set(d) == set(CLASSES_T1) for d in cs.values())
+    assert all(sum(v["n"] for v in d.values()) == n_real for d in cs.values())
+    assert all(0 <= v["ks_p"] <= 1 and len(v["quantiles"]) == v["n"] and all(0 <= q <= 1 for q in v["quantiles"]) for d in cs.values() for v in d.values())
     fm = m["fit_match"]   # fit-matching: per-class medians of the residual features and the fit, real and simulated
     assert {f"{src} {c}" for src in ("real", "sim") for c in CLASSES_T1} <= set(fm)
     assert all({"chi2_ring", "fit_q", "fit_psf_fwhm"} <= set(row) for row in fm.values())
