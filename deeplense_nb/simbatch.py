@@ -29,7 +29,8 @@ class SimPreset(Config):
     # instrument
     npix: int = 150                      # pixels per side
     pixel_scale: float = 0.05            # arcsec per pixel
-    psf_fwhm: float = 0.205              # Gaussian PSF FWHM, arcsec (fit-matched on the real images; the recipe says 0.087)
+    psf_fwhm: float = 0.15               # FWHM of the PSF's Gaussian core, arcsec (fit-matched on the real images; the recipe says 0.087)
+    psf_wing: tuple = (0.4, 0.35)        # (fraction of the light, FWHM arcsec) of a second, wider Gaussian: a core + wings PSF (fit-matched; fraction 0: one Gaussian)
     sky_counts: float = 10.2             # flat sky background per pixel, photon counts (fit-matched)
     peak_counts: tuple = (680.0, 900.0)  # peak lensed-source counts per pixel (sets the SNR)
     read_noise: float = 0.0              # extra Gaussian noise per pixel, counts (0: pure Poisson like the real data)
@@ -49,7 +50,8 @@ class SimPreset(Config):
     src_n: tuple = (1.5, 1.5)            # Sersic index (fit-matched)
     src_q: tuple = (0.4, 0.9)            # axis ratio
     src_phi: tuple = (0.0, 0.0)          # orientation, rad (the real sources share one orientation)
-    src_center: float = 0.45             # source centre uniform in [-src_center, src_center]^2, arcsec
+    src_center: float = 0.5              # source centre uniform in [-src_center, src_center]^2, arcsec (`src_polar`: its distance from the origin uniform in [0, src_center])
+    src_polar: bool = True               # source centre at a distance uniform in [0, src_center] in a random direction: more centred sources, more full Einstein rings (fit-matched)
     # substructure: sphere = CDM subhalos, vort = a vortex line of point masses
     sub_n: int = 25                      # subhalos per sphere image
     sub_mass: tuple = (7e5, 7e9)         # subhalo mass range, solar masses (recipe 1e6-1e10; fit-matched residual strength)
@@ -74,12 +76,12 @@ PRESETS: dict[str, SimPreset] = {
     "deeplensesim_recipe": SimPreset(name="deeplensesim_recipe", psf_fwhm=0.087, sky_counts=10.0, peak_counts=(700.0, 900.0),
                                      theta_E_scatter=(1.0, 1.0), lens_q=(0.818, 0.818), lens_phi=(0.0, 0.0),
                                      shear=(0.05, 0.05), src_R_e=(0.25, 0.25), src_n=(1.0, 1.0), src_q=(0.752, 0.752),
-                                     src_phi=(1.178, 1.178), src_center=0.35, sub_mass=(1e6, 1e10),
+                                     src_phi=(1.178, 1.178), src_center=0.35, src_polar=False, psf_wing=(0.0, 0.35), sub_mass=(1e6, 1e10),
                                      vort_mass=3e10, vort_log_ma=(-24.0, -22.0), vort_offset=0.0),  # e1=0.1; src e1=-0.1, e2=0.1
-    "model_ii": SimPreset(name="model_ii", npix=64, pixel_scale=0.101, psf_fwhm=0.16, sky_counts=20.0,
-                          peak_counts=(250.0, 400.0)),
-    "model_iii": SimPreset(name="model_iii", npix=64, pixel_scale=0.08, psf_fwhm=0.1, sky_counts=10.0,
-                           peak_counts=(500.0, 800.0)),
+    "model_ii": SimPreset(name="model_ii", npix=64, pixel_scale=0.101, psf_fwhm=0.16, psf_wing=(0.0, 0.35), sky_counts=20.0,
+                          peak_counts=(250.0, 400.0), src_center=0.45, src_polar=False),
+    "model_iii": SimPreset(name="model_iii", npix=64, pixel_scale=0.08, psf_fwhm=0.1, psf_wing=(0.0, 0.35), sky_counts=10.0,
+                           peak_counts=(500.0, 800.0), src_center=0.45, src_polar=False),   # Models II/III: one Gaussian PSF, sources in a square
     "diffusion": SimPreset(name="diffusion"),
 }
 
@@ -230,6 +232,9 @@ def sample_truth_batch(preset: str | SimPreset = "model_i",
                    ("src_phi", p.src_phi), ("peak_counts", p.peak_counts)): t[k] = _uni(d(k), rng)
     for k, half in (("x0", p.lens_center), ("y0", p.lens_center), ("src_x", p.src_center), ("src_y", p.src_center)):
         t[k] = _uni(d(k), (-half, half))
+    if p.src_polar:   # the same two draws, as a distance and a direction
+        r, a = p.src_center * d("src_x"), _uni(d("src_y"), (0, 2 * math.pi))
+        t.update(src_x=r * torch.cos(a), src_y=r * torch.sin(a))
     g, gphi = _uni(d("shear"), p.shear), _uni(d("shear_phi"), p.shear_phi)
     t.update(gamma1=g * torch.cos(2 * gphi), gamma2=g * torch.sin(2 * gphi))
     j = torch.arange(p.sub_n) * 3 + _SUB_DRAWS
@@ -294,7 +299,7 @@ def render_batch(truth: dict, # from `sample_truth_batch`
     c = lambda k: t[k].to(dtype).view(-1, 1, 1)
     img = smooth_lens_image(x, y, theta_E=c("theta_E"), q=c("q"), phi=c("phi"), x0=c("x0"), y0=c("y0"),
                             gamma1=c("gamma1"), gamma2=c("gamma2"), src_x=c("src_x"), src_y=c("src_y"), src_R_e=c("src_R_e"),
-                            src_n=c("src_n"), src_q=c("src_q"), src_phi=c("src_phi"), psf_fwhm=p.psf_fwhm,
+                            src_n=c("src_n"), src_q=c("src_q"), src_phi=c("src_phi"), psf_fwhm=p.psf_fwhm, psf_wing=p.psf_wing if p.psf_wing[0] else None,
                             pixel_scale=p.pixel_scale, alpha=_substructure(t, p, x, y))  # a number: psf_blur reads nothing from the device
     img = (img / img.amax(dim=(-2, -1), keepdim=True) * c("peak_counts") + p.sky_counts).unsqueeze(1)
     if noise:

@@ -45,6 +45,12 @@ def _powerlaw(rng, n, lo, hi, slope):
     return (lo**a + u * (hi**a - lo**a)) ** (1 / a)
 
 # %% ../nbs/02_simulate.ipynb #ab68c7f6
+def _source_centre(p: SimPreset, rng: np.random.Generator) -> dict:
+    "Source centre (arcsec): uniform in the square of half-width `src_center`, or (`src_polar`) at a distance uniform in [0, src_center] in a random direction. Two draws either way."
+    if not p.src_polar: return dict(src_x=float(rng.uniform(-p.src_center, p.src_center)), src_y=float(rng.uniform(-p.src_center, p.src_center)))
+    r, a = p.src_center * rng.uniform(), rng.uniform(0, 2 * math.pi)
+    return dict(src_x=float(r * math.cos(a)), src_y=float(r * math.sin(a)))
+
 def sample_truth(p: SimPreset, cls: str, rng: np.random.Generator) -> dict:
     "Draw the physical parameters of one image of class `cls` (arcsec, radians, solar masses)."
     if cls not in p.classes: raise DeepLenseError(f"class {cls!r} is not in preset {p.name!r} (classes {p.classes})")
@@ -56,7 +62,7 @@ def sample_truth(p: SimPreset, cls: str, rng: np.random.Generator) -> dict:
              x0=float(rng.uniform(-p.lens_center, p.lens_center)) if p.lens_center else 0.0,
              y0=float(rng.uniform(-p.lens_center, p.lens_center)) if p.lens_center else 0.0,
              gamma1=g * math.cos(2 * gphi), gamma2=g * math.sin(2 * gphi),
-             src_x=float(rng.uniform(-p.src_center, p.src_center)), src_y=float(rng.uniform(-p.src_center, p.src_center)),
+             **_source_centre(p, rng),
              src_R_e=_u(rng, p.src_R_e), src_n=_u(rng, p.src_n), src_q=_u(rng, p.src_q), src_phi=_u(rng, p.src_phi),
              peak_counts=_u(rng, p.peak_counts), noise_seed=int(rng.integers(2**62)))
     if cls == "sphere":
@@ -119,7 +125,7 @@ def render(truth: list[dict], p: SimPreset, *, device="cpu", dtype=torch.float32
         ax, ay = ax.index_add(0, sel, bx), ay.index_add(0, sel, by)
     img = smooth_lens_image(x, y, theta_E=c("theta_E"), q=c("q"), phi=c("phi"), x0=c("x0"), y0=c("y0"),
                             gamma1=c("gamma1"), gamma2=c("gamma2"), src_x=c("src_x"), src_y=c("src_y"), src_R_e=c("src_R_e"),
-                            src_n=c("src_n"), src_q=c("src_q"), src_phi=c("src_phi"), psf_fwhm=p.psf_fwhm,
+                            src_n=c("src_n"), src_q=c("src_q"), src_phi=c("src_phi"), psf_fwhm=p.psf_fwhm, psf_wing=p.psf_wing if p.psf_wing[0] else None,
                             pixel_scale=p.pixel_scale, alpha=(ax, ay))   # the physics forward model, in units of the peak
     img = img / img.amax(dim=(-2, -1), keepdim=True) * c("peak_counts") + p.sky_counts
     img = img.unsqueeze(1)

@@ -30,6 +30,8 @@ def test_sim2real_quick(tmp_path, cli):
     assert set(cs) == {"model_i", "deeplensesim_recipe"} and all(set(d) == set(CLASSES_T1) for d in cs.values())
     assert all(sum(v["n"] for v in d.values()) == n_real for d in cs.values())
     assert all(0 <= v["ks_p"] <= 1 and len(v["quantiles"]) == v["n"] and all(0 <= q <= 1 for q in v["quantiles"]) for d in cs.values() for v in d.values())
+    so = m["source_offset"]   # the fitted source distances from the lens centre, real against simulated
+    assert 0 <= so["ks_p"] <= 1 and set(so["median"]) == set(so["within_0.05"]) == {"real", "sim"}
     fm = m["fit_match"]   # fit-matching: per-class medians of the residual features and the fit, real and simulated
     assert {f"{src} {c}" for src in ("real", "sim") for c in CLASSES_T1} <= set(fm)
     assert all({"chi2_ring", "fit_q", "fit_psf_fwhm"} <= set(row) for row in fm.values())
