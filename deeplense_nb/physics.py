@@ -368,7 +368,7 @@ def smooth_lens_image(x: Tensor, y: Tensor, # pixel-centre coordinates (H, W), a
                       amp=1.0, sky=0.0, # counts per unit source surface brightness; flat sky, counts
                       alpha: tuple | None = None, # extra deflection `(ax, ay)` (e.g. substructure), arcsec
                       psf_radius: int | None = None, # PSF half-width, pixels (default 4 sigma)
-                      psf_wing: tuple | None = None, # (fraction, FWHM arcsec): a second, wider Gaussian holding that fraction of the PSF's light
+                      psf_wing: tuple | None = None, # (fraction, FWHM arcsec): a second, wider Gaussian holding that fraction of the PSF's light (None or fraction 0: one Gaussian)
                      ) -> Tensor:
     "Expected counts `amp * PSF * Sersic(theta - alpha(theta)) + sky` of an SIE + shear lens, `(B, H, W)` for `(B, 1, 1)` parameters."
     ax, ay = alpha_sie_shear(x, y, theta_E=theta_E, q=q, phi=phi, x0=x0, y0=y0, gamma1=gamma1, gamma2=gamma2)
@@ -376,5 +376,5 @@ def smooth_lens_image(x: Tensor, y: Tensor, # pixel-centre coordinates (H, W), a
     bx, by = lens_equation(x, y, ax, ay)
     img = sersic(bx, by, R_e=src_R_e, n=src_n, q=src_q, phi=src_phi, x0=src_x, y0=src_y)
     blur = psf_blur(img, psf_fwhm, pixel_scale, radius=psf_radius)
-    if psf_wing: blur = (1 - psf_wing[0]) * blur + psf_wing[0] * psf_blur(img, psf_wing[1], pixel_scale)   # a core + wings PSF
+    if psf_wing and psf_wing[0]: blur = (1 - psf_wing[0]) * blur + psf_wing[0] * psf_blur(img, psf_wing[1], pixel_scale)   # a core + wings PSF
     return amp * blur + sky

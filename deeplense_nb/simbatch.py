@@ -230,11 +230,11 @@ def sample_truth_batch(preset: str | SimPreset = "model_i",
     t["theta_E"] = _theta_E_pm(1.0, p.z_l, p.z_s) * t["halo_mass"].sqrt() * _uni(d("theta_E"), p.theta_E_scatter)
     for k, rng in (("q", p.lens_q), ("phi", p.lens_phi), ("src_R_e", p.src_R_e), ("src_n", p.src_n), ("src_q", p.src_q),
                    ("src_phi", p.src_phi), ("peak_counts", p.peak_counts)): t[k] = _uni(d(k), rng)
-    for k, half in (("x0", p.lens_center), ("y0", p.lens_center), ("src_x", p.src_center), ("src_y", p.src_center)):
-        t[k] = _uni(d(k), (-half, half))
-    if p.src_polar:   # the same two draws, as a distance and a direction
+    for k, half in (("x0", p.lens_center), ("y0", p.lens_center)): t[k] = _uni(d(k), (-half, half))
+    if p.src_polar:   # the two source draws as a distance and a direction
         r, a = p.src_center * d("src_x"), _uni(d("src_y"), (0, 2 * math.pi))
         t.update(src_x=r * torch.cos(a), src_y=r * torch.sin(a))
+    else: t.update({k: _uni(d(k), (-p.src_center, p.src_center)) for k in ("src_x", "src_y")})
     g, gphi = _uni(d("shear"), p.shear), _uni(d("shear_phi"), p.shear_phi)
     t.update(gamma1=g * torch.cos(2 * gphi), gamma2=g * torch.sin(2 * gphi))
     j = torch.arange(p.sub_n) * 3 + _SUB_DRAWS
@@ -299,7 +299,7 @@ def render_batch(truth: dict, # from `sample_truth_batch`
     c = lambda k: t[k].to(dtype).view(-1, 1, 1)
     img = smooth_lens_image(x, y, theta_E=c("theta_E"), q=c("q"), phi=c("phi"), x0=c("x0"), y0=c("y0"),
                             gamma1=c("gamma1"), gamma2=c("gamma2"), src_x=c("src_x"), src_y=c("src_y"), src_R_e=c("src_R_e"),
-                            src_n=c("src_n"), src_q=c("src_q"), src_phi=c("src_phi"), psf_fwhm=p.psf_fwhm, psf_wing=p.psf_wing if p.psf_wing[0] else None,
+                            src_n=c("src_n"), src_q=c("src_q"), src_phi=c("src_phi"), psf_fwhm=p.psf_fwhm, psf_wing=p.psf_wing,
                             pixel_scale=p.pixel_scale, alpha=_substructure(t, p, x, y))  # a number: psf_blur reads nothing from the device
     img = (img / img.amax(dim=(-2, -1), keepdim=True) * c("peak_counts") + p.sky_counts).unsqueeze(1)
     if noise:

@@ -125,7 +125,7 @@ def render(truth: list[dict], p: SimPreset, *, device="cpu", dtype=torch.float32
         ax, ay = ax.index_add(0, sel, bx), ay.index_add(0, sel, by)
     img = smooth_lens_image(x, y, theta_E=c("theta_E"), q=c("q"), phi=c("phi"), x0=c("x0"), y0=c("y0"),
                             gamma1=c("gamma1"), gamma2=c("gamma2"), src_x=c("src_x"), src_y=c("src_y"), src_R_e=c("src_R_e"),
-                            src_n=c("src_n"), src_q=c("src_q"), src_phi=c("src_phi"), psf_fwhm=p.psf_fwhm, psf_wing=p.psf_wing if p.psf_wing[0] else None,
+                            src_n=c("src_n"), src_q=c("src_q"), src_phi=c("src_phi"), psf_fwhm=p.psf_fwhm, psf_wing=p.psf_wing,
                             pixel_scale=p.pixel_scale, alpha=(ax, ay))   # the physics forward model, in units of the peak
     img = img / img.amax(dim=(-2, -1), keepdim=True) * c("peak_counts") + p.sky_counts
     img = img.unsqueeze(1)
