@@ -75,12 +75,17 @@ def _lenstronomy_images(truth):
     from lenstronomy.LightModel.light_model import LightModel
     from lenstronomy.ImSim.image_model import ImageModel
     import lenstronomy.Util.param_util as pu
+    from deeplense_nb.physics import gaussian_psf
     from deeplense_nb.simulate import _theta_E_pm
     p = get_preset("model_i")
     data = ImageData(image_data=np.zeros((p.npix, p.npix)), background_rms=0.0, exposure_time=1.0,
                      ra_at_xy_0=-(p.npix - 1) / 2 * p.pixel_scale, dec_at_xy_0=-(p.npix - 1) / 2 * p.pixel_scale,
                      transform_pix2angle=np.eye(2) * p.pixel_scale)
-    psf = PSF(psf_type="GAUSSIAN", fwhm=p.psf_fwhm, pixel_size=p.pixel_scale, truncation=4)
+    if p.psf_wing[0]:   # the core + wings PSF as one pixel kernel
+        size = gaussian_psf(p.psf_wing[1], p.pixel_scale).shape[-1]
+        k = sum(w * gaussian_psf(f, p.pixel_scale, size=size, dtype=torch.float64) for w, f in ((1 - p.psf_wing[0], p.psf_fwhm), p.psf_wing))
+        psf = PSF(psf_type="PIXEL", kernel_point_source=k.numpy())
+    else: psf = PSF(psf_type="GAUSSIAN", fwhm=p.psf_fwhm, pixel_size=p.pixel_scale, truncation=4)
     src = LightModel(["SERSIC_ELLIPSE"])
     rng = np.random.default_rng(0)
     for t in truth:
