@@ -16,6 +16,7 @@ import deeplense_nb
 from . import simulate as S
 from .core import DeepLenseError, check_choice, env_info, get_device
 from .simulate import get_preset
+from .simbatch import resolve_preset
 from .data import DataError, PackedDataset, simulate_to_store
 from .classify import train_classifier
 from .evaluation import evaluate
@@ -139,11 +140,14 @@ def sweep(name: str, space: dict, *, mode: str = "grid", n: int | None = None, s
     return df
 
 # %% ../nbs/11_experiments.ipynb #b26b29c8
+_DEFAULT_PRESET = {"task1": "model_i", "lens-finding": "lens_finding", "diffusion": "diffusion"}   # each simulate_* default
+
 def cached_simulation(kind: str, *, cache: str | Path | None = None, **kw) -> Path:
     "Simulate a dataset once per settings (`kind` = task1, lens-finding or diffusion) and return its folder."
     fn = {"task1": S.simulate_task1, "lens-finding": S.simulate_lens_finding, "diffusion": S.simulate_diffusion}
     check_choice("kind", kind, sorted(fn))
-    key = json.dumps({"kind": kind, **{k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in sorted(kw.items())}}, sort_keys=True, default=str)
+    settings = {**kw, "preset": resolve_preset(kw.get("preset") or _DEFAULT_PRESET[kind])}   # the preset's values, not its name: a changed preset is a new set
+    key = json.dumps({"kind": kind, **{k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in sorted(settings.items())}}, sort_keys=True, default=str)
     cache = Path(cache or os.environ.get("DEEPLENSE_CACHE", Path.home() / ".cache" / "deeplense_nb"))
     d = cache / f"{kind}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
     if (d / "manifest.json").exists(): return d
