@@ -81,7 +81,7 @@ def _lenstronomy_images(truth):
     data = ImageData(image_data=np.zeros((p.npix, p.npix)), background_rms=0.0, exposure_time=1.0,
                      ra_at_xy_0=-(p.npix - 1) / 2 * p.pixel_scale, dec_at_xy_0=-(p.npix - 1) / 2 * p.pixel_scale,
                      transform_pix2angle=np.eye(2) * p.pixel_scale)
-    if p.psf_wing[0]:   # the core + wings PSF as one pixel kernel
+    if p.psf_wing:   # the core + wings PSF as one pixel kernel
         size = gaussian_psf(p.psf_wing[1], p.pixel_scale).shape[-1]
         k = sum(w * gaussian_psf(f, p.pixel_scale, size=size, dtype=torch.float64) for w, f in ((1 - p.psf_wing[0], p.psf_fwhm), p.psf_wing))
         psf = PSF(psf_type="PIXEL", kernel_point_source=k.numpy())

@@ -30,7 +30,7 @@ class SimPreset(Config):
     npix: int = 150                      # pixels per side
     pixel_scale: float = 0.05            # arcsec per pixel
     psf_fwhm: float = 0.15               # FWHM of the PSF's Gaussian core, arcsec (fit-matched on the real images; the recipe says 0.087)
-    psf_wing: tuple = (0.4, 0.35)        # (fraction of the light, FWHM arcsec) of a second, wider Gaussian: a core + wings PSF (fit-matched; fraction 0: one Gaussian)
+    psf_wing: tuple | None = (0.4, 0.35) # (fraction of the light, FWHM arcsec) of a second, wider Gaussian: a core + wings PSF (fit-matched; None: one Gaussian)
     sky_counts: float = 10.2             # flat sky background per pixel, photon counts (fit-matched)
     peak_counts: tuple = (680.0, 900.0)  # peak lensed-source counts per pixel (sets the SNR)
     read_noise: float = 0.0              # extra Gaussian noise per pixel, counts (0: pure Poisson like the real data)
@@ -76,11 +76,11 @@ PRESETS: dict[str, SimPreset] = {
     "deeplensesim_recipe": SimPreset(name="deeplensesim_recipe", psf_fwhm=0.087, sky_counts=10.0, peak_counts=(700.0, 900.0),
                                      theta_E_scatter=(1.0, 1.0), lens_q=(0.818, 0.818), lens_phi=(0.0, 0.0),
                                      shear=(0.05, 0.05), src_R_e=(0.25, 0.25), src_n=(1.0, 1.0), src_q=(0.752, 0.752),
-                                     src_phi=(1.178, 1.178), src_center=0.35, src_polar=False, psf_wing=(0.0, 0.35), sub_mass=(1e6, 1e10),
+                                     src_phi=(1.178, 1.178), src_center=0.35, src_polar=False, psf_wing=None, sub_mass=(1e6, 1e10),
                                      vort_mass=3e10, vort_log_ma=(-24.0, -22.0), vort_offset=0.0),  # e1=0.1; src e1=-0.1, e2=0.1
-    "model_ii": SimPreset(name="model_ii", npix=64, pixel_scale=0.101, psf_fwhm=0.16, psf_wing=(0.0, 0.35), sky_counts=20.0,
+    "model_ii": SimPreset(name="model_ii", npix=64, pixel_scale=0.101, psf_fwhm=0.16, psf_wing=None, sky_counts=20.0,
                           peak_counts=(250.0, 400.0), src_center=0.45, src_polar=False),
-    "model_iii": SimPreset(name="model_iii", npix=64, pixel_scale=0.08, psf_fwhm=0.1, psf_wing=(0.0, 0.35), sky_counts=10.0,
+    "model_iii": SimPreset(name="model_iii", npix=64, pixel_scale=0.08, psf_fwhm=0.1, psf_wing=None, sky_counts=10.0,
                            peak_counts=(500.0, 800.0), src_center=0.45, src_polar=False),   # Models II/III: one Gaussian PSF, sources in a square
     "diffusion": SimPreset(name="diffusion"),
 }
