@@ -9,9 +9,9 @@ steps of a classifier on the same images, so the JSON says whether the simulator
 (`sim_over_train` >= 2 means a fresh-simulation stream keeps the model busy less than half the time).
 
 lenstronomy is the engine DeepLenseSim used to make the real Task I data; the comparison renders the same physics
-(SIE + external shear, 25 point-mass subhalos or a 100-point vortex, elliptical Sersic source, Gaussian PSF,
+(SIE + external shear, 25 point-mass subhalos or a 100-point vortex, elliptical Sersic source, the preset's PSF (a Gaussian core + wing for model_i),
 Poisson noise) at the same size with both codes. Writes JSON (`--out DIR/bench_simulate.json`).
-Run: python benchmarks/bench_simulate.py [--n 240] [--n-per-image N] [--batch B] [--device cuda] [--repeat 3] [--train-model resnet18]
+Run: python benchmarks/bench_simulate.py [--n 768] [--n-per-image N] [--batch B] [--device cuda] [--repeat 3] [--train-model resnet18]
 Every figure is written to the JSON as soon as it is measured ("complete": true once all are).
 """
 import argparse, json, math, platform, time
@@ -113,8 +113,8 @@ def bench_lenstronomy(truth, n, repeat):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=240, help="Model I images per timed call of the batched engine")
-    ap.add_argument("--n-per-image", type=int, default=None, help="images per timed call of the per-image reference (default: --n)")
+    ap.add_argument("--n", type=int, default=768, help="Model I images per timed call of the batched engine (default: three CPU batches, the steady state of simulating a set)")
+    ap.add_argument("--n-per-image", type=int, default=240, help="images per timed call of the per-image reference and of the render-only figure")
     ap.add_argument("--batch", type=int, default=None, help="batched engine: images rendered at once (default 256 on CPU, 2048 on CUDA)")
     ap.add_argument("--n-lenstronomy", type=int, default=60, help="images for lenstronomy (slower)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cuda figures only when a GPU exists)")

@@ -135,7 +135,7 @@ if [ -n "$GPU" ]; then
 else
   NOGPU="no CUDA GPU on this machine"
   step simulate 300 "" 'load("bench_simulate.json")' \
-    '"$PY"' -u benchmarks/bench_simulate.py --device cpu --n 8 --n-lenstronomy 1 --repeat 1 --train-model= --out '"$STEPDIR"'
+    '"$PY"' -u benchmarks/bench_simulate.py --device cpu --n 8 --n-per-image 8 --n-lenstronomy 1 --repeat 1 --train-model= --out '"$STEPDIR"'
   step train 600 "" '(load("bench_train.json") or {}).get("device_path")' \
     '"$PY"' -u benchmarks/bench_train.py --sections device_path --device cpu --n 96 --size 32 --batch 32 --repeats 1 --gpu-model resnet20 --out '"$STEPDIR"'
   step demo 1 "$NOGPU (the CPU demo takes minutes: make demo)" ''

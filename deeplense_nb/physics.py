@@ -196,7 +196,8 @@ def _point_masses_blocked(x: Tensor, y: Tensor, theta_E: Tensor, xs: Tensor, ys:
         except (RuntimeError, ImportError, OSError) as e: _fused_failed(e)   # e.g. no C compiler for Triton's launcher
     X, Y = x.reshape(1, -1), y.reshape(1, -1)
     ax, ay = x.new_zeros(B, H * W), x.new_zeros(B, H * W)
-    step = block or (B if x.device.type != "cpu" else max(1, (1 << 15) // (H * W)))
+    # CPU: about 2^17 pixels per thread per block (one call per mass over several images; measured 2.4x faster than one image)
+    step = block or (B if x.device.type != "cpu" else max(1, (1 << 17) * torch.get_num_threads() // (H * W)))
     for b in range(0, B, step):
         bx, by, t2, xi, yi = ax[b:b + step], ay[b:b + step], te2[b:b + step], xs[b:b + step], ys[b:b + step]
         for i in range(N):

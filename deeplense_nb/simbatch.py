@@ -188,8 +188,8 @@ def poisson_counts(lam: Tensor, # expected counts (>= 0), any shape
                   ) -> Tensor:
     "Integer Poisson counts from one uniform each: the Cornish-Fisher quantile (accurate for lam >~ 5)."
     lam = lam.clamp(min=0); z = torch.special.ndtri(u.to(lam.dtype).clamp(1e-12, 1 - 2 ** -24))   # in the dtype of lam (images: float32)
-    s = lam.sqrt().clamp(min=1e-6)
-    w = (lam - 1 / 12).clamp(min=0).sqrt() * z + (z * z - 1) / 6 + (z ** 3 - 3 * z) / (24 * s) - (2 * z ** 3 - 5 * z) / (36 * s)
+    s, z3 = lam.sqrt().clamp(min=1e-6), z ** 3
+    w = (lam - 1 / 12).clamp(min=0).sqrt() * z + (z * z - 1) / 6 + (z3 - 3 * z) / (24 * s) - (2 * z3 - 5 * z) / (36 * s)
     return torch.ceil(lam + w - 0.5).clamp(min=0)
 
 # %% ../nbs/01a_simbatch.ipynb #6477ceae
