@@ -17,44 +17,46 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from .core import CLASSES_T1, DeepLenseError, get_device
-from .physics import ellipticity_to_q_phi, pixel_grid, smooth_lens_image
+from .physics import alpha_vortex, ellipticity_to_q_phi, pixel_grid, q_phi_to_ellipticity, smooth_lens_image, theta_E_halo
 from .simulate import count_scale
 
 # %% auto #0
 __all__ = ['RESIDUAL_FEATURES', 'GEOMETRY_FEATURES', 'fit_smooth_lens', 'residual_significance', 'residual_features',
-           'residual_classifier', 'population_check', 'residual_cnn_input']
+           'residual_classifier', 'population_check', 'residual_cnn_input', 'fit_vortex']
 
 # %% ../nbs/02a_lensfit.ipynb #2344a332
 def _q_phi(e1, e2):
     "Axis ratio and angle of a fitted ellipticity, kept to |e| <= 0.6 per component."
     return ellipticity_to_q_phi(e1.clamp(-0.6, 0.6), e2.clamp(-0.6, 0.6))
 
-def _smooth_model(P: dict, x, y, pixel_scale: float, gain: float = 1.0) -> torch.Tensor:
-    "Expected counts `(B, H, W)` of the fit's parameters `P` (unconstrained, `(B,)` each) on the grid `x, y`, times `gain` (binned pixels)."
+def _smooth_model(P: dict, x, y, pixel_scale: float, gain: float = 1.0, n_vort: int = 25) -> torch.Tensor:
+    "Expected counts `(B, H, W)` of the fit's parameters `P` (unconstrained, `(B,)` each) on the grid `x, y`, times `gain` (binned pixels); with a vortex of `n_vort` points where `P` has one (`fit_vortex`)."
     v = lambda k: P[k].view(-1, 1, 1)
+    alpha = None if "logtv" not in P else alpha_vortex(x, y, theta_E_total=P["logtv"].exp(), length=P["logL"].exp(), angle=P["ang"],
+                                                       x0=P["vx"].view(-1, 1), y0=P["vy"].view(-1, 1), n=n_vort, s=0.01)
     q, phi = (t.view(-1, 1, 1) for t in _q_phi(P["le1"], P["le2"]))
     sq, sphi = (t.view(-1, 1, 1) for t in _q_phi(P["se1"], P["se2"]))
     return gain * smooth_lens_image(x, y, theta_E=v("logtE").exp(), q=q, phi=phi, x0=v("x0"), y0=v("y0"), gamma1=v("g1"), gamma2=v("g2"),
                              src_x=v("sx"), src_y=v("sy"), src_R_e=v("logRe").exp(), src_n=v("logn").exp().clamp(0.3, 8),
                              src_q=sq, src_phi=sphi, psf_fwhm=P["logfwhm"].exp().clamp(0.02, 0.5), pixel_scale=pixel_scale,
-                             amp=v("logamp").exp(), sky=v("logsky").exp(), psf_radius=7)
+                             amp=v("logamp").exp(), sky=v("logsky").exp(), psf_radius=7, alpha=alpha)
 
 # %% ../nbs/02a_lensfit.ipynb #9da70e0e
 def _poisson_deviance(m, C):
     "Poisson deviance per pixel of model `m` for counts `C` (about 1 when only photon noise is left)."
     return 2 * ((m - C) - C * torch.log(m / C.clamp(min=1e-9)).where(C > 0, torch.zeros_like(m))).mean((-2, -1))
 
-def _adam_fit(P: dict, C, x, y, pixel_scale, steps, lr, gain=1.0):
+def _adam_fit(P: dict, C, x, y, pixel_scale, steps, lr, gain=1.0, n_vort=25):
     "Adam on the Poisson negative log-likelihood of `_smooth_model`; returns the final parameters, model and deviance."
     P = {k: v.detach().clone().requires_grad_(True) for k, v in P.items()}
     opt = torch.optim.Adam(P.values(), lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
-            m = _smooth_model(P, x, y, pixel_scale, gain)
+            m = _smooth_model(P, x, y, pixel_scale, gain, n_vort)
             loss = (m - C * torch.log(m)).mean((1, 2)).sum()
             opt.zero_grad(); loss.backward(); opt.step()
     with torch.no_grad():
-        m = _smooth_model(P, x, y, pixel_scale, gain)
+        m = _smooth_model(P, x, y, pixel_scale, gain, n_vort)
         return {k: v.detach() for k, v in P.items()}, m, _poisson_deviance(m, C)
 
 # %% ../nbs/02a_lensfit.ipynb #eb3addf5
@@ -84,12 +86,16 @@ def _binned(C, x, y, b: int):
     pool = lambda t: F.avg_pool2d(t[..., i:i + h, j:j + w].reshape(-1, 1, h, w), b).reshape(*t.shape[:-2], h // b, w // b)
     return pool(C) * b * b, pool(x), pool(y)
 
-def _fit_chunk(a, g, pixel_scale, starts, steps, refine, crop, lr, dev, bin_search=1):
-    "Fit one chunk of images on device `dev`: every start for `steps` (on `bin_search`-binned pixels), then the best start per image for `refine` more."
+def _counts(a, pixel_scale, crop, dev):
+    "The photon counts of images `a` `(B, H, W)` and their pixel grid, less `crop` pixels on each side, on device `dev`."
     N = [count_scale(im) if float(im.max()) <= 1.0 else 1.0 for im in a]   # min-max count images are exactly k/N
     win = (slice(crop, a.shape[-2] - crop), slice(crop, a.shape[-1] - crop))
     C = torch.stack([torch.round(im * n) if n == n else im for im, n in zip(a, N)]).float()[:, win[0], win[1]].to(dev)
-    x, y = (t[win] for t in pixel_grid(a.shape[-1], pixel_scale, device=dev))
+    return (C, *(t[win] for t in pixel_grid(a.shape[-1], pixel_scale, device=dev)))
+
+def _fit_chunk(a, g, pixel_scale, starts, steps, refine, crop, lr, dev, bin_search=1):
+    "Fit one chunk of images on device `dev`: every start for `steps` (on `bin_search`-binned pixels), then the best start per image for `refine` more."
+    C, x, y = _counts(a, pixel_scale, crop, dev)
     nI, S = len(C), starts
     P0 = {k: v.to(dev) for k, v in _starts(nI * S, g).items()}   # drawn on the CPU: the same starts on every device
     Cb, xb, yb = _binned(C, x, y, bin_search)   # the search on binned pixels: bin_search^2 times fewer
@@ -216,3 +222,51 @@ def residual_cnn_input(z, # (B, H, W) `residual_significance` maps (e.g. from `r
     if t.dim() != 3 or bin < 1 or clip <= 0:
         raise DeepLenseError(f"residual_cnn_input wants (B, H, W) maps, bin >= 1 and clip > 0; got shape {tuple(t.shape)}, bin={bin}, clip={clip}")
     return F.avg_pool2d(t[:, None], bin).clamp(-clip, clip) / clip
+
+# %% ../nbs/02a_lensfit.ipynb #2e9cf92f
+def _unconstrained(f: dict) -> dict:
+    "A smooth-lens fit's physical parameters (`fit_smooth_lens` keys) in the fit's unconstrained coordinates."
+    se1, se2 = q_phi_to_ellipticity(torch.tensor(f["src_q"]), torch.tensor(f["src_phi"]))
+    return dict(logtE=math.log(f["theta_E"]), le1=f["e1"], le2=f["e2"], x0=f["x0"], y0=f["y0"], g1=f["gamma1"], g2=f["gamma2"],
+                sx=f["src_x"], sy=f["src_y"], logRe=math.log(f["src_R_e"]), logn=math.log(f["src_n"]), se1=float(se1), se2=float(se2),
+                logamp=math.log(f["amp"]), logsky=math.log(f["sky_counts"]), logfwhm=math.log(f["psf_fwhm"]))
+
+def _fit_records(fits) -> list[dict]:
+    "Smooth-lens fits as `fit_smooth_lens` dicts: those dicts, or a `residual_features` table (its `fit_*` columns)."
+    if isinstance(fits, pd.DataFrame): return [{k[4:]: v for k, v in r.items() if k.startswith("fit_")} for r in fits.to_dict("records")]
+    return list(fits)
+
+# %% ../nbs/02a_lensfit.ipynb #97345d2b
+def fit_vortex(images, # (B, 1, H, W) or (B, H, W) min-max images of normalised counts (see `fit_smooth_lens`)
+               fits, # their smooth-lens fits: `fit_smooth_lens` dicts, or `residual_features` (its `fit_*` columns)
+               *, pixel_scale: float = 0.05, crop: int = 20, # arcsec per pixel; pixels dropped on each side
+               z_l: float = 0.5, z_s: float = 1.0, # redshifts: the mass from the Einstein radius (DeepLenseSim's convention)
+               n_points: int = 25, angles: int = 4, lengths: tuple = (0.3, 1.0, 3.0), # points on the line; starts: angles x lengths (arcsec)
+               mass: float = 3e10, # starting vortex mass, solar masses
+               steps: int = 250, refine: int = 150, lr: float = 0.02, batch: int = 16, device="cpu",
+              ) -> pd.DataFrame:
+    "Fit a vortex (a line of equal point masses) together with each image's smooth lens: its mass (solar masses), length, angle, centre, and the deviance with and without it."
+    a = torch.as_tensor(np.asarray(images), dtype=torch.float64); a = a[:, 0] if a.dim() == 4 else a
+    fits, dev = _fit_records(fits), get_device(device)
+    if a.dim() != 3 or len(fits) != len(a): raise DeepLenseError(f"fit_vortex wants (B, H, W) images and one smooth fit each; got shape {tuple(a.shape)} and {len(fits)} fits")
+    te1 = float(theta_E_halo(torch.tensor(1.0, dtype=torch.float64), z_l, z_s))   # Einstein radius of one solar mass, arcsec
+    grid = [(math.pi * i / angles, L) for i in range(angles) for L in lengths]; S = len(grid)
+    rows = []
+    for i in range(0, len(a), batch):
+        C, x, y = _counts(a[i:i + batch], pixel_scale, crop, dev); n = len(C)
+        P0 = {k: torch.tensor([_unconstrained(f)[k] for f in fits[i:i + n]], dtype=torch.float32, device=dev) for k in _unconstrained(fits[0])}
+        _, _, D0 = _adam_fit(P0, C, x, y, pixel_scale, refine, lr / 4)   # the smooth lens alone, refined as the vortex fit is
+        P = {k: v.repeat_interleave(S) for k, v in P0.items()}
+        P.update(ang=torch.tensor([g[0] for g in grid] * n, device=dev), logL=torch.tensor([g[1] for g in grid] * n, device=dev).log(),
+                 vx=P["x0"].clone(), vy=P["y0"].clone(), logtv=torch.full((n * S,), math.log(te1 * math.sqrt(mass)), device=dev))
+        Cb, xb, yb = _binned(C, x, y, 2)
+        P, _, D = _adam_fit(P, Cb.repeat_interleave(S, 0), xb, yb, 2 * pixel_scale, steps, lr, gain=4, n_vort=n_points)
+        best = D.view(n, S).argmin(1) + torch.arange(n, device=dev) * S
+        P, _, D = _adam_fit({k: v[best] for k, v in P.items()}, C, x, y, pixel_scale, refine, lr / 4, n_vort=n_points)
+        P = {k: v.cpu().double() for k, v in P.items()}
+        for b in range(n):
+            dx, dy = float(P["vx"][b] - P["x0"][b]), float(P["vy"][b] - P["y0"][b])
+            rows.append(dict(vort_mass=float((P["logtv"][b].exp() / te1) ** 2), vort_length=float(P["logL"][b].exp()),
+                             vort_angle=float(P["ang"][b]) % math.pi, vort_offset=math.hypot(dx, dy), vort_x=float(P["vx"][b]),
+                             vort_y=float(P["vy"][b]), deviance_smooth=float(D0[b]), deviance_vortex=float(D[b])))
+    return pd.DataFrame(rows)

@@ -57,11 +57,12 @@ class SimPreset(Config):
     sub_mass: tuple = (7e5, 7e9)         # subhalo mass range, solar masses (recipe 1e6-1e10; fit-matched residual strength)
     sub_slope: float = -0.9              # dN/dm ~ m^sub_slope (what DeepLenseSim's code draws)
     sub_radius: tuple = (0.25, 2.0)      # subhalo distance from the lens centre, arcsec
-    vort_mass: float = 8e10              # total vortex mass, solar masses (recipe 3e10; the real vort residuals need ~8e10)
+    vort_mass: float = 4.5e10            # total vortex mass, solar masses (recipe 3e10; chosen on `lensfit.fit_vortex` fits of the real vort samples)
     vort_n: int = 100                    # point masses along the vortex
-    vort_log_ma: tuple = (-24.0, -23.0)  # log10 axion mass / eV; half-length = vort_len_scale * 1e-22 / m_a (recipe -24 to -22; fit-matched)
+    vort_log_ma: tuple = (-23.7, -23.3)  # log10 axion mass / eV; half-length = vort_len_scale * 1e-22 / m_a (recipe -24 to -22; the real vortices fit far less spread in length)
     vort_len_scale: float = 0.03         # arcsec
-    vort_offset: float = 0.5             # vortex centre up to this far (uniform in [0, vort_offset] arcsec, random direction) from the lens centre; 0 = through the centre (the recipe; fit-matched 0.5)
+    vort_offset: float = 0.7             # vortex centre up to this far from the lens centre, arcsec, in a random direction; 0 = through the centre (the recipe; the real vortices fit well off it)
+    vort_disc: bool = True               # vortex centre uniform over the disc of radius vort_offset (False: its distance uniform in [0, vort_offset])
     softening: float = 0.01              # point-mass softening, arcsec
     classes: tuple = CLASSES_T1
 
@@ -243,7 +244,7 @@ def sample_truth_batch(preset: str | SimPreset = "model_i",
              sub_x=t["x0"][:, None] + r * torch.cos(a), sub_y=t["y0"][:, None] + r * torch.sin(a))
     t["vort_log_ma"] = _uni(d("vort_log_ma"), p.vort_log_ma)
     t.update(vort_length=2 * p.vort_len_scale * 10 ** (-22 - t["vort_log_ma"]), vort_angle=_uni(d("vort_angle"), (0, math.pi)))
-    r, a = p.vort_offset * d("vort_r"), _uni(d("vort_dir"), (0, 2 * math.pi))
+    r, a = p.vort_offset * (d("vort_r").sqrt() if p.vort_disc else d("vort_r")), _uni(d("vort_dir"), (0, 2 * math.pi))
     t.update(vort_x=t["x0"] + r * torch.cos(a), vort_y=t["y0"] + r * torch.sin(a))
     dev = get_device(device) if device is not None else torch.device("cpu")
     return {"label": labels, "index": index, "key": key.to(dev), **{k: v.to(dev) for k, v in t.items()}}

@@ -74,7 +74,7 @@ def sample_truth(p: SimPreset, cls: str, rng: np.random.Generator) -> dict:
         t.update(vort_log_ma=log_ma, vort_length=2 * p.vort_len_scale * 10 ** (-22 - log_ma),
                  vort_angle=float(rng.uniform(0, math.pi)), vort_mass=p.vort_mass, vort_x=t["x0"], vort_y=t["y0"])
         if p.vort_offset:   # drawn only when asked: the recipe's images keep their random stream
-            r, a = p.vort_offset * rng.uniform(), rng.uniform(0, 2 * math.pi)
+            u = rng.uniform(); r, a = p.vort_offset * (math.sqrt(u) if p.vort_disc else u), rng.uniform(0, 2 * math.pi)
             t.update(vort_x=t["x0"] + r * math.cos(a), vort_y=t["y0"] + r * math.sin(a))
     return t
 

@@ -32,6 +32,9 @@ def test_sim2real_quick(tmp_path, cli):
     assert all(0 <= v["ks_p"] <= 1 and len(v["quantiles"]) == v["n"] and all(0 <= q <= 1 for q in v["quantiles"]) for d in cs.values() for v in d.values())
     so = m["source_offset"]   # the fitted source distances from the lens centre, real against simulated
     assert 0 <= so["ks_p"] <= 1 and set(so["median"]) == set(so["within_0.05"]) == {"real", "sim"}
+    vf, n_vort = m["vortex_fit"], sum(Path(f).parent.name == "vort" for f in Path(m["real_dir"]).rglob("*.npy"))   # the fitted vortices, real and simulated
+    assert vf["n"] == {"real": n_vort, "sim": m["settings"]["n_vortex_fit"]} and all(0 <= p <= 1 for p in vf["ks_p"].values())
+    assert all(v["vort_mass"] > 0 and v["vort_length"] > 0 and v["vort_offset"] >= 0 for v in vf["median"].values())
     fm = m["fit_match"]   # fit-matching: per-class medians of the residual features and the fit, real and simulated
     assert {f"{src} {c}" for src in ("real", "sim") for c in CLASSES_T1} <= set(fm)
     assert all({"chi2_ring", "fit_q", "fit_psf_fwhm"} <= set(row) for row in fm.values())
