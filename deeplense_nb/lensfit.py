@@ -254,7 +254,8 @@ def fit_vortex(images, # (B, 1, H, W) or (B, H, W) min-max images of normalised 
     rows = []
     for i in range(0, len(a), batch):
         C, x, y = _counts(a[i:i + batch], pixel_scale, crop, dev); n = len(C)
-        P0 = {k: torch.tensor([_unconstrained(f)[k] for f in fits[i:i + n]], dtype=torch.float32, device=dev) for k in _unconstrained(fits[0])}
+        U = [_unconstrained(f) for f in fits[i:i + n]]
+        P0 = {k: torch.tensor([u[k] for u in U], dtype=torch.float32, device=dev) for k in U[0]}
         _, _, D0 = _adam_fit(P0, C, x, y, pixel_scale, refine, lr / 4)   # the smooth lens alone, refined as the vortex fit is
         P = {k: v.repeat_interleave(S) for k, v in P0.items()}
         P.update(ang=torch.tensor([g[0] for g in grid] * n, device=dev), logL=torch.tensor([g[1] for g in grid] * n, device=dev).log(),
