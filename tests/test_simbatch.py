@@ -42,15 +42,16 @@ def test_model_i_truth_distributions():
             a = np.concatenate([np.ravel(o[k]) for o in old if o["label"] == p.classes[cls]])
             assert stats.ks_2samp(a, new[k][sel].ravel().numpy()).pvalue > 1e-3, k
 
-def test_vortex_offset_same_in_both_engines():
-    "The off-centre vortex draw (`vort_offset`) has one distribution in the per-image and the batched sampler, and moves the rendered vortex."
-    p, n = get_preset("model_i", vort_offset=0.8), 900
+@pytest.mark.parametrize("disc", [True, False])
+def test_vortex_offset_same_in_both_engines(disc):
+    "The off-centre vortex draw (`vort_offset`, over the disc or uniform in distance) has one distribution in the per-image and the batched sampler, and moves the rendered vortex."
+    p, n = get_preset("model_i", vort_offset=0.8, vort_disc=disc), 900
     old = [sample_truth(p, "vort", image_rng(3, "t", "vort", i)) for i in range(n)]
     new = sb.sample_truth_batch(p, torch.full((n,), 2), seed=3, split="t")
     for k, k0 in (("vort_x", "x0"), ("vort_y", "y0")):
         assert stats.ks_2samp([o[k] - o[k0] for o in old], (new[k] - new[k0]).numpy()).pvalue > 1e-3, k
     r = np.hypot([o["vort_x"] for o in old], [o["vort_y"] for o in old])
-    assert r.max() <= 0.8 and 0.3 < r.mean() < 0.5
+    assert r.max() <= 0.8 and abs(r.mean() - 0.8 * (2 / 3 if disc else 1 / 2)) < 0.03   # mean distance: 2/3 (disc) or 1/2 of the radius
     lab = torch.tensor([0, 1, 2])
     x0 = sb.render_batch(sb.sample_truth_batch("model_i", lab, seed=1), "model_i", noise=False)
     x1 = sb.render_batch(sb.sample_truth_batch(p, lab, seed=1), p, noise=False)
