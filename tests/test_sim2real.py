@@ -42,4 +42,5 @@ def test_sim2real_quick(tmp_path, cli):
     n_ii = len([f for f in Path(t2["real_dir"]).rglob("*.npy") if f.parent.name.endswith("lenses")])
     assert t2["n"] == n_ii > 0 and 0 < t2["n_lenses"] < n_ii and 0 <= t2["auc"] <= 1 and 0 <= t2["average_precision"] <= 1
     assert t2["auc_ci"][0] <= t2["auc_ci"][1] and set(t2["tpr_at_fpr"]) == {"0.001", "0.01", "0.1"}
+    assert t2["n_networks"] == m["settings"]["lf_seeds"] == len(t2["auc_single_networks"]) >= 1
     assert {src: set(d) for src, d in t2["cutout_stats"].items()} == {s: {"lenses", "nonlenses"} for s in ("real", "sim", "sim_before")}
