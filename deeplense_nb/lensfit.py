@@ -237,6 +237,24 @@ def _fit_records(fits) -> list[dict]:
     return list(fits)
 
 # %% ../nbs/02a_lensfit.ipynb #97345d2b
+def _vortex_chunk(a, fits, grid, log_tv0, te1, pixel_scale, crop, n_points, steps, refine, lr, dev) -> list[dict]:
+    "`fit_vortex` on one chunk: the smooth fits refined alone, then with a vortex from every start of `grid` (binned), the best one refined on all pixels."
+    C, x, y = _counts(a, pixel_scale, crop, dev); n, S = len(C), len(grid)
+    U = [_unconstrained(f) for f in fits]
+    P0 = {k: torch.tensor([u[k] for u in U], dtype=torch.float32, device=dev) for k in U[0]}
+    _, _, D0 = _adam_fit(P0, C, x, y, pixel_scale, refine, lr / 4)   # the smooth lens alone, refined as the vortex fit is
+    P = {k: v.repeat_interleave(S) for k, v in P0.items()}
+    P.update(ang=torch.tensor([g[0] for g in grid] * n, device=dev), logL=torch.tensor([g[1] for g in grid] * n, device=dev).log(),
+             vx=P["x0"].clone(), vy=P["y0"].clone(), logtv=torch.full((n * S,), log_tv0, device=dev))
+    Cb, xb, yb = _binned(C, x, y, 2)
+    P, _, D = _adam_fit(P, Cb.repeat_interleave(S, 0), xb, yb, 2 * pixel_scale, steps, lr, gain=4, n_vort=n_points)
+    best = D.view(n, S).argmin(1) + torch.arange(n, device=dev) * S
+    P, _, D = _adam_fit({k: v[best] for k, v in P.items()}, C, x, y, pixel_scale, refine, lr / 4, n_vort=n_points)
+    P = {k: v.cpu().double() for k, v in P.items()}
+    return [dict(vort_mass=float((P["logtv"][b].exp() / te1) ** 2), vort_length=float(P["logL"][b].exp()),
+                 vort_angle=float(P["ang"][b]) % math.pi, vort_offset=float(torch.hypot(P["vx"][b] - P["x0"][b], P["vy"][b] - P["y0"][b])),
+                 vort_x=float(P["vx"][b]), vort_y=float(P["vy"][b]), deviance_smooth=float(D0[b]), deviance_vortex=float(D[b])) for b in range(n)]
+
 def fit_vortex(images, # (B, 1, H, W) or (B, H, W) min-max images of normalised counts (see `fit_smooth_lens`)
                fits, # their smooth-lens fits: `fit_smooth_lens` dicts, or `residual_features` (its `fit_*` columns)
                *, pixel_scale: float = 0.05, crop: int = 20, # arcsec per pixel; pixels dropped on each side
@@ -250,24 +268,7 @@ def fit_vortex(images, # (B, 1, H, W) or (B, H, W) min-max images of normalised 
     fits, dev = _fit_records(fits), get_device(device)
     if a.dim() != 3 or len(fits) != len(a): raise DeepLenseError(f"fit_vortex wants (B, H, W) images and one smooth fit each; got shape {tuple(a.shape)} and {len(fits)} fits")
     te1 = float(theta_E_halo(torch.tensor(1.0, dtype=torch.float64), z_l, z_s))   # Einstein radius of one solar mass, arcsec
-    grid = [(math.pi * i / angles, L) for i in range(angles) for L in lengths]; S = len(grid)
-    rows = []
-    for i in range(0, len(a), batch):
-        C, x, y = _counts(a[i:i + batch], pixel_scale, crop, dev); n = len(C)
-        U = [_unconstrained(f) for f in fits[i:i + n]]
-        P0 = {k: torch.tensor([u[k] for u in U], dtype=torch.float32, device=dev) for k in U[0]}
-        _, _, D0 = _adam_fit(P0, C, x, y, pixel_scale, refine, lr / 4)   # the smooth lens alone, refined as the vortex fit is
-        P = {k: v.repeat_interleave(S) for k, v in P0.items()}
-        P.update(ang=torch.tensor([g[0] for g in grid] * n, device=dev), logL=torch.tensor([g[1] for g in grid] * n, device=dev).log(),
-                 vx=P["x0"].clone(), vy=P["y0"].clone(), logtv=torch.full((n * S,), math.log(te1 * math.sqrt(mass)), device=dev))
-        Cb, xb, yb = _binned(C, x, y, 2)
-        P, _, D = _adam_fit(P, Cb.repeat_interleave(S, 0), xb, yb, 2 * pixel_scale, steps, lr, gain=4, n_vort=n_points)
-        best = D.view(n, S).argmin(1) + torch.arange(n, device=dev) * S
-        P, _, D = _adam_fit({k: v[best] for k, v in P.items()}, C, x, y, pixel_scale, refine, lr / 4, n_vort=n_points)
-        P = {k: v.cpu().double() for k, v in P.items()}
-        for b in range(n):
-            dx, dy = float(P["vx"][b] - P["x0"][b]), float(P["vy"][b] - P["y0"][b])
-            rows.append(dict(vort_mass=float((P["logtv"][b].exp() / te1) ** 2), vort_length=float(P["logL"][b].exp()),
-                             vort_angle=float(P["ang"][b]) % math.pi, vort_offset=math.hypot(dx, dy), vort_x=float(P["vx"][b]),
-                             vort_y=float(P["vy"][b]), deviance_smooth=float(D0[b]), deviance_vortex=float(D[b])))
-    return pd.DataFrame(rows)
+    grid = [(math.pi * i / angles, L) for i in range(angles) for L in lengths]
+    kw = dict(grid=grid, log_tv0=math.log(te1 * math.sqrt(mass)), te1=te1, pixel_scale=pixel_scale, crop=crop, n_points=n_points,
+              steps=steps, refine=refine, lr=lr, dev=dev)
+    return pd.DataFrame([r for i in range(0, len(a), batch) for r in _vortex_chunk(a[i:i + batch], fits[i:i + batch], **kw)])
