@@ -111,3 +111,13 @@ def test_fit_on_cuda_matches_cpu():
     gpu = fit_smooth_lens(xs, starts=4, steps=150, crop=25, device="cuda")
     for c, g in zip(cpu, gpu):
         assert abs(c["theta_E"] - g["theta_E"]) < 0.01 * c["theta_E"] and abs(c["deviance_per_pixel"] - g["deviance_per_pixel"]) < 0.05
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_vortex_fit_on_cuda_matches_cpu():
+    "`fit_vortex` on a GPU (the point-mass deflections with gradients there): the fitted vortex agrees with the CPU fit."
+    xs, _, _ = simulate_batch(2, preset="model_i", labels=[2, 2], seed=5)
+    f = residual_features(xs, starts=2, steps=100, refine=100, crop=20)
+    cpu, gpu = lensfit.fit_vortex(xs, f), lensfit.fit_vortex(xs, f, device="cuda")
+    assert np.allclose(cpu.vort_mass, gpu.vort_mass, rtol=0.05) and np.allclose(cpu.vort_length, gpu.vort_length, rtol=0.05)
+    assert np.allclose(cpu.deviance_vortex, gpu.deviance_vortex, atol=0.02), (cpu, gpu)
