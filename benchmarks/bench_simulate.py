@@ -125,7 +125,7 @@ def main():
     a = ap.parse_args()
     cuda = a.device.startswith("cuda")
     if cuda and not torch.cuda.is_available(): raise SystemExit("--device cuda: no GPU on this machine")
-    batch, n1 = a.batch or (2048 if cuda else 256), a.n_per_image or a.n
+    batch, n1 = a.batch or (2048 if cuda else 256), a.n_per_image
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     res = dict(benchmark="simulate", machine=platform.processor() or platform.machine(), torch_threads=torch.get_num_threads(),
                device=a.device, n=a.n, n_per_image=n1, batch=batch, repeat=a.repeat, complete=False)
