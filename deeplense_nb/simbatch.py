@@ -115,7 +115,10 @@ class LensFindingPreset(Config):
     n_stars: tuple = (0, 2)
     gal_size: tuple = (0.15, 0.6)       # half-light radii of the non-lens galaxies times this per-cutout factor (log-uniform; real cutouts: compact)
     noise_sigma: tuple = (0.00025, 0.005) # Gaussian sky noise of the i band, in units of the unblurred lens-galaxy peak (log-uniform)
-    band_noise: tuple = (8.0, 4.0, 1.0) # g, r, i noise in units of `noise_sigma` (real cutouts: g the noisiest, i the cleanest)
+    band_noise: tuple = (4.0, 2.0, 1.0) # g, r, i noise in units of `noise_sigma` (real cutouts: g the noisiest, i the cleanest)
+    band_noise_scatter: float = 0.3     # each cutout's band_noise times 10^U(-s, s), per band (dex): survey depth varies by field and band
+    lens_sed_scatter: float = 0.2       # each lens's lens_sed times U(1 - s, 1 + s), per band (as the field ellipticals')
+    src_sed_scatter: float = 0.3        # each lens's src_sed times U(1 - s, 1 + s), per band (as the field discs')
     train_ratio: int = 16               # non-lenses per lens in train (real: 28675 / 1730 = 16.6)
     test_ratio: int = 100               # non-lenses per lens in test (real: 19455 / 195 = 99.8)
     classes: tuple = ("nonlens", "lens")
@@ -350,6 +353,7 @@ _LF_DRAWS = {k: i for i, k in enumerate(("psf_fwhm", "noise_sigma", "n_field", "
                                           "shear", "shear_phi", "lens_R_e", "src_x", "src_y", "src_R_e", "src_q", "src_phi",
                                           "arc_flux", "gal_size"))}
 _SLOT_DRAWS = 100    # slot s uses draws 100 + 16 s + (0..15)
+_BAND_DRAWS = 40     # band b: noise scatter draw 40 + b, lens colour 50 + b, source colour 60 + b
 
 def sample_lens_finding_batch(preset: LensFindingPreset | None = None,
                               labels=None, # 1 = lens, 0 = non-lens (default: index % 2)
@@ -369,13 +373,20 @@ def sample_lens_finding_batch(preset: LensFindingPreset | None = None,
              src_q=_uni(d("src_q"), (0.5, 1)), src_phi=_uni(d("src_phi"), (0, math.pi)), arc_flux=_uni(d("arc_flux"), p.arc_to_lens_flux),
              gal_size=_loguni(d("gal_size"), p.gal_size))
     g, gphi = _uni(d("shear"), p.shear), _uni(d("shear_phi"), (0, math.pi))
-    t.update(gamma1=g * torch.cos(2 * gphi), gamma2=g * torch.sin(2 * gphi))
+    t.update(gamma1=g * torch.cos(2 * gphi), gamma2=g * torch.sin(2 * gphi), **_colours(p, key))
     t.update(_slots(p, t, key))
     dev = get_device(device) if device is not None else torch.device("cpu")
     return {"label": labels, "index": index, "key": key.to(dev), **{k: v.to(dev) for k, v in t.items()}}
 
 # %% ../nbs/01a_simbatch.ipynb #d9b059f7
 _ELL_SED, _DISC_SED = torch.tensor([0.25, 0.6, 1.0], dtype=torch.float64), torch.tensor([0.9, 0.8, 0.7], dtype=torch.float64)
+
+def _colours(p: LensFindingPreset, key: Tensor) -> dict[str, Tensor]:
+    "Per-cutout band noise (in units of `noise_sigma`) and lens and source colours `(B, bands)`, each scattered per band."
+    u = lambda j: 2 * uniforms(key[:, None], _BAND_DRAWS + 10 * j + torch.arange(len(p.bands))) - 1   # U(-1, 1)
+    vec = lambda k: torch.tensor(getattr(p, k), dtype=torch.float64)
+    return dict(noise_bands=vec("band_noise") * 10 ** (p.band_noise_scatter * u(0)),
+                lens_sed=vec("lens_sed") * (1 + p.lens_sed_scatter * u(1)), src_sed=vec("src_sed") * (1 + p.src_sed_scatter * u(2)))
 
 def _slots(p: LensFindingPreset, t: dict, key: Tensor) -> dict[str, Tensor]:
     "Per-slot light profiles `(B, 9)`: kind (0 elliptical n=4, 1 disc n=1, 2 star), amplitude, centre, shape, colour."
@@ -400,7 +411,7 @@ def _slots(p: LensFindingPreset, t: dict, key: Tensor) -> dict[str, Tensor]:
     lens = c == 0                                                  # a lens: slot 0 is the lens galaxy
     R_e[:, 0] = torch.where(lens, t["lens_R_e"], R_e[:, 0]); q[:, 0] = torch.where(lens, t["q"], q[:, 0])
     phi[:, 0] = torch.where(lens, t["phi"], phi[:, 0])
-    sed[:, 0] = torch.where(lens[:, None], torch.tensor(p.lens_sed, dtype=torch.float64), sed[:, 0])
+    sed[:, 0] = torch.where(lens[:, None], t["lens_sed"], sed[:, 0])
     return dict(slot_kind=kind, slot_amp=amp, slot_x=cx, slot_y=cy, slot_R_e=R_e, slot_q=q, slot_phi=phi, slot_sed=sed)
 
 # %% ../nbs/01a_simbatch.ipynb #d449fbb4
@@ -413,13 +424,14 @@ def _slot_light(t: dict, x: Tensor, y: Tensor) -> Tensor:
     prof = torch.where((t["slot_kind"] == 2)[..., None, None], star, gal)
     return prof / prof.amax(dim=(-2, -1), keepdim=True).clamp(min=1e-12) * v("slot_amp")
 
-def _arcs(t: dict, p: LensFindingPreset, x: Tensor, y: Tensor, lens_light: Tensor) -> Tensor:
+def _arcs(t: dict, x: Tensor, y: Tensor, lens_light: Tensor) -> Tensor:
     "The lensed source `(B, 3, H, W)` of lens images, scaled to `arc_flux` of the lens light (in the g band)."
     v = lambda k: t[k].to(x.dtype).view(-1, 1, 1)
     bx, by = lens_equation(x, y, *alpha_sie_shear(x, y, theta_E=v("theta_E"), q=v("q"), phi=v("phi"), gamma1=v("gamma1"), gamma2=v("gamma2")))
     arcs = sersic(bx, by, R_e=v("src_R_e"), n=1.0, q=v("src_q"), phi=v("src_phi"), x0=v("src_x"), y0=v("src_y"))
-    arcs = arcs / arcs.sum((-2, -1), keepdim=True) * lens_light.sum((-2, -1), keepdim=True) * v("arc_flux") / p.src_sed[0] * p.lens_sed[0]
-    return arcs[:, None] * torch.tensor(p.src_sed, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    g = (t["lens_sed"][:, 0] / t["src_sed"][:, 0]).to(x.dtype).view(-1, 1, 1)   # lens over source flux ratio in g
+    arcs = arcs / arcs.sum((-2, -1), keepdim=True) * lens_light.sum((-2, -1), keepdim=True) * v("arc_flux") * g
+    return arcs[:, None] * t["src_sed"].to(x.dtype)[:, :, None, None]
 
 # %% ../nbs/01a_simbatch.ipynb #108a45dc
 @torch.no_grad()
@@ -436,10 +448,10 @@ def render_lens_finding_batch(truth: dict, # from `sample_lens_finding_batch`
     sel = torch.nonzero(t["label"] == 1).flatten()                 # host labels: the lenses get arcs
     if len(sel):
         idx = sel.to(dev)
-        img.index_add_(0, idx, _arcs({k: v[idx] for k, v in t.items() if k not in ("label", "index")}, p, x, y, light[idx, 0]))
+        img.index_add_(0, idx, _arcs({k: v[idx] for k, v in t.items() if k not in ("label", "index")}, x, y, light[idx, 0]))
     radius = psf_radius(max(p.psf_fwhm), p.pixel_scale)   # the widest PSF of the preset, known on the host
     img = psf_blur(img, t["psf_fwhm"].to(dtype).repeat_interleave(3), p.pixel_scale, radius=radius)
     if noise:
-        sigma = t["noise_sigma"].to(dtype).view(-1, 1, 1, 1) * torch.tensor(p.band_noise, dtype=dtype, device=dev).view(1, -1, 1, 1)
+        sigma = t["noise_sigma"].to(dtype).view(-1, 1, 1, 1) * t["noise_bands"].to(dtype)[:, :, None, None]
         img = img + sigma * _normal(_noise_uniforms(t["key"], img.shape[1:])).to(dtype)
     return minmax(img, check=False) if normalize else img   # no host read in the hot path

@@ -189,6 +189,9 @@ def sample_lens_finding(p: LensFindingPreset, is_lens: bool, rng: np.random.Gene
                  src_phi=float(rng.uniform(0, math.pi)), arc_flux=_u(rng, p.arc_to_lens_flux))
     else:
         t.update(centre=str(rng.choice(["elliptical", "elliptical", "disc", "star", "pair"])))
+    scatter = lambda k, s: (np.asarray(getattr(p, k)) * rng.uniform(1 - s, 1 + s, len(p.bands))).tolist()
+    t["noise_bands"] = (np.asarray(p.band_noise) * 10 ** rng.uniform(-p.band_noise_scatter, p.band_noise_scatter, len(p.bands))).tolist()
+    if is_lens: t.update(lens_sed=scatter("lens_sed", p.lens_sed_scatter), src_sed=scatter("src_sed", p.src_sed_scatter))
     return t
 
 # %% ../nbs/02_simulate.ipynb #f6fd643d
@@ -202,8 +205,9 @@ def render_lens_finding(t: dict, p: LensFindingPreset, *, device="cpu", dtype=to
         lens = sersic(x, y, R_e=t["lens_R_e"], n=4.0, q=t["q"], phi=t["phi"]); lens = lens / lens.max()
         bx, by = lens_equation(x, y, *alpha_sie_shear(x, y, theta_E=t["theta_E"], q=t["q"], phi=t["phi"], gamma1=t["gamma1"], gamma2=t["gamma2"]))
         arcs = sersic(bx, by, R_e=t["src_R_e"], n=1.0, q=t["src_q"], phi=t["src_phi"], x0=t["src_x"], y0=t["src_y"])
-        arcs = arcs / arcs.sum() * lens.sum() * t["arc_flux"] / p.src_sed[0] * p.lens_sed[0]
-        img += torch.stack([lens * s for s in p.lens_sed]) + torch.stack([arcs * s for s in p.src_sed])
+        ls, ss = t.get("lens_sed", p.lens_sed), t.get("src_sed", p.src_sed)   # truth written before the colours: the preset's
+        arcs = arcs / arcs.sum() * lens.sum() * t["arc_flux"] / ss[0] * ls[0]
+        img += torch.stack([lens * s for s in ls]) + torch.stack([arcs * s for s in ss])
     elif t["centre"] == "pair":
         img += _lf_galaxy(rng, x, y, "elliptical", 0.0, 0.0, 1.0, size) + _lf_galaxy(rng, x, y, "disc", *rng.uniform(-2, 2, size=2), rng.uniform(0.2, 0.8), size)
     else:
@@ -212,7 +216,7 @@ def render_lens_finding(t: dict, p: LensFindingPreset, *, device="cpu", dtype=to
     for _ in range(t["n_stars"]): img += _lf_object(rng, p, x, y, "star")
     img = convolve(img, gaussian_psf(t["psf_fwhm"], p.pixel_scale, dtype=dtype, device=dev))
     nrng = np.random.default_rng(t["noise_seed"])
-    sigma = t["noise_sigma"] * np.asarray(p.band_noise, dtype=np.float64)[:, None, None]   # per band
+    sigma = t["noise_sigma"] * np.asarray(t.get("noise_bands", p.band_noise), dtype=np.float64)[:, None, None]   # per band
     img = img + torch.from_numpy(nrng.normal(0, 1, size=img.shape) * sigma).to(img)
     return minmax(img) if normalize else img
 
@@ -357,8 +361,9 @@ def simulate_task1(out: str | Path, *, n_train: int = 30_000, # images in train/
         return _write_manifest(d, "task1", p, seed, counts, dtype, rows, time.time() - t0, engine)
 
 # %% ../nbs/02_simulate.ipynb #2c0d65e0
-_LF_KEYS = ("psf_fwhm", "noise_sigma", "n_field", "n_stars", "gal_size")
-_LF_LENS_KEYS = ("theta_E", "q", "phi", "gamma1", "gamma2", "lens_R_e", "src_x", "src_y", "src_R_e", "src_q", "src_phi", "arc_flux")
+_LF_KEYS = ("psf_fwhm", "noise_sigma", "n_field", "n_stars", "gal_size", "noise_bands")
+_LF_LENS_KEYS = ("theta_E", "q", "phi", "gamma1", "gamma2", "lens_R_e", "src_x", "src_y", "src_R_e", "src_q", "src_phi", "arc_flux",
+                 "lens_sed", "src_sed")
 
 def _lf_rows(t: dict, p: LensFindingPreset) -> list[dict]:
     rows = _rows(t, _LF_KEYS + _LF_LENS_KEYS, p, lf=True)
@@ -524,7 +529,7 @@ def compare_stats(groups: dict, # {name: list of images}
 # %% ../nbs/02_simulate.ipynb #e8444b63
 def cutout_stats(x, # (B, C, H, W) Task II-like cutouts, each channel min-max scaled
                  ) -> dict:
-    "Per-band medians over the cutouts: the sky's robust standard deviation (top and bottom 8 rows) and the flux in an annulus of 4-14 px over the central 3 px (both in min-max units)."
+    "Per-band medians over the cutouts: the sky's robust standard deviation (top and bottom 8 rows), its ratio to the last band's, and the flux in an annulus of 4-14 px over the central 3 px (all in min-max units)."
     x = np.asarray(x, dtype=np.float64); B, C, H, W = x.shape
     b = np.concatenate([x[:, :, :8], x[:, :, -8:]], axis=2).reshape(B, C, -1)
     sky = np.median(b, 2)
@@ -532,4 +537,6 @@ def cutout_stats(x, # (B, C, H, W) Task II-like cutouts, each channel min-max sc
     s = x - sky[..., None, None]
     ratio = s[..., (r >= 4) & (r < 14)].sum(-1) / np.clip(s[..., r < 3].sum(-1), 1e-6, None)
     noise = 1.4826 * np.median(np.abs(b - sky[..., None]), 2)
-    return {"sky_noise": np.median(noise, 0).round(4).tolist(), "annulus_to_core": np.median(ratio, 0).round(3).tolist()}
+    rel = noise / np.clip(noise[:, -1:], 1e-12, None)   # each cutout's noise relative to its last band (i)
+    return {"sky_noise": np.median(noise, 0).round(4).tolist(), "noise_to_last_band": np.median(rel, 0).round(2).tolist(),
+            "annulus_to_core": np.median(ratio, 0).round(3).tolist()}

@@ -58,7 +58,7 @@ def test_vortex_offset_same_in_both_engines(disc):
     assert torch.equal(x0[:2], x1[:2]) and not torch.allclose(x0[2], x1[2])   # only the vortex image changes
 
 def test_lens_finding_truth_distributions():
-    p, n = LensFindingPreset(), 1200
+    p, n = LensFindingPreset(band_noise_scatter=0.3, lens_sed_scatter=0.2, src_sed_scatter=0.3), 1200
     old = [sample_lens_finding(p, i % 2 == 1, image_rng(3, "t", i)) for i in range(n)]
     new = sb.sample_lens_finding_batch(p, torch.arange(n) % 2, seed=3, split="t")
     for k in ("psf_fwhm", "noise_sigma", "n_field", "n_stars", "gal_size"):
@@ -66,6 +66,10 @@ def test_lens_finding_truth_distributions():
     lens = new["label"] == 1
     for k in ("theta_E", "q", "phi", "gamma1", "gamma2", "lens_R_e", "src_x", "src_y", "src_R_e", "src_q", "src_phi", "arc_flux"):
         assert stats.ks_2samp([o[k] for o in old if o["label"] == "lens"], new[k][lens].numpy()).pvalue > 1e-3, k
+    for k, sel in (("noise_bands", torch.ones(n, dtype=bool)), ("lens_sed", lens), ("src_sed", lens)):   # per band, scattered
+        a, b = np.array([o[k] for o in old if k == "noise_bands" or o["label"] == "lens"]), new[k][sel].numpy()
+        assert a.shape == b.shape and a.std(0).min() > 0, k
+        for j in range(a.shape[1]): assert stats.ks_2samp(a[:, j], b[:, j]).pvalue > 1e-3, (k, j)
 
 def test_poisson_noise_matches_numpy():
     rng = np.random.default_rng(0)

@@ -58,7 +58,7 @@ def test_lens_finding_matches_real_format(tmp_path, real_samples):
         assert np.allclose(a.reshape(3, -1).min(1), 0) and np.allclose(a.reshape(3, -1).max(1), 1)
 
 def test_lens_finding_cutouts_like_the_real_ones(real_samples):
-    "The measured sim-to-real differences the preset was calibrated on: per-band sky noise, compact non-lenses, bright arcs."
+    "The measured sim-to-real differences the preset was calibrated on: per-band sky noise and its band-to-band ratio, compact non-lenses, bright arcs."
     from deeplense_nb.simbatch import render_lens_finding_batch, sample_lens_finding_batch
     real = {c: cutout_stats(np.stack([np.load(f) for f in sorted((real_samples / "specific_test_II").glob(f"*_{c}/*.npy"))]))
             for c in ("lenses", "nonlenses")}
@@ -69,6 +69,8 @@ def test_lens_finding_cutouts_like_the_real_ones(real_samples):
         assert r[0] > r[1] > r[2] and s[0] > s[1] > s[2] and np.all(s / r < 2.5) and np.all(r / s < 2.5), (c, r, s)
         r, s = np.array(real[c]["annulus_to_core"]), np.array(sim[c]["annulus_to_core"])
         assert np.all(s / r < 2) and np.all(r / s < 2), (c, r, s)
+        r, s = np.array(real[c]["noise_to_last_band"]), np.array(sim[c]["noise_to_last_band"])   # band-to-band noise: no class shortcut
+        assert np.all(s / r < 1.5) and np.all(r / s < 1.5), (c, r, s)
     for src in (real, sim):  # lenses: light around the centre (arcs), brightest in g; non-lenses: compact
         assert src["lenses"]["annulus_to_core"][0] > 2 * src["nonlenses"]["annulus_to_core"][0]
 
