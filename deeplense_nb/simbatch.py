@@ -111,6 +111,8 @@ class LensFindingPreset(Config):
     src_R_e: tuple = (0.1, 0.35)        # arcsec
     src_center: float = 0.5             # arcsec
     arc_to_lens_flux: tuple = (0.3, 2.0)   # total arc flux / lens-galaxy flux (in the g band after SEDs; real arcs are bright in g)
+    nonlens_centres: tuple = ("elliptical", "elliptical", "disc", "star", "pair", "lrg")   # central object of a non-lens, drawn uniformly
+                                        # from this list ("lrg": a galaxy drawn as the lens galaxies are, with no source behind it)
     n_field: tuple = (0, 5)             # field galaxies per cutout (uniform integer)
     n_stars: tuple = (0, 2)
     gal_size: tuple = (0.15, 0.6)       # half-light radii of the non-lens galaxies times this per-cutout factor (log-uniform; real cutouts: compact)
@@ -348,7 +350,7 @@ def simulate_images(n_or_index, # number of images (indices 0..n-1) or the image
     return imgs, labels.to(dev)
 
 # %% ../nbs/01a_simbatch.ipynb #fae8633c
-_CENTRES = ("lens", "elliptical", "disc", "star", "pair")   # centre codes of `sample_lens_finding_batch`
+_CENTRES = ("lens", "elliptical", "disc", "star", "pair", "lrg")   # centre codes of `sample_lens_finding_batch`
 _LF_DRAWS = {k: i for i, k in enumerate(("psf_fwhm", "noise_sigma", "n_field", "n_stars", "centre", "theta_E", "q", "phi",
                                           "shear", "shear_phi", "lens_R_e", "src_x", "src_y", "src_R_e", "src_q", "src_phi",
                                           "arc_flux", "gal_size"))}
@@ -362,11 +364,11 @@ def sample_lens_finding_batch(preset: LensFindingPreset | None = None,
     p = preset or LensFindingPreset()
     if index is None: index = torch.arange(0 if labels is None else len(torch.as_tensor(labels).reshape(-1)))
     index, labels = _index_labels(p, index, labels)
-    key = image_keys(seed, split, index)
+    key, codes = image_keys(seed, split, index), torch.tensor([_CENTRES.index(c) for c in p.nonlens_centres])
     u = uniforms(key[:, None], torch.arange(len(_LF_DRAWS))); d = lambda k: u[:, _LF_DRAWS[k]]
     t = dict(psf_fwhm=_uni(d("psf_fwhm"), p.psf_fwhm), noise_sigma=_loguni(d("noise_sigma"), p.noise_sigma),
              n_field=_randint(d("n_field"), *p.n_field), n_stars=_randint(d("n_stars"), *p.n_stars),
-             centre=torch.where(labels == 1, 0, torch.tensor([1, 1, 2, 3, 4])[_randint(d("centre"), 0, 4)]),
+             centre=torch.where(labels == 1, 0, codes[_randint(d("centre"), 0, len(codes) - 1)]),
              theta_E=_uni(d("theta_E"), p.theta_E), q=_uni(d("q"), p.lens_q), phi=_uni(d("phi"), (0, math.pi)),
              lens_R_e=_uni(d("lens_R_e"), p.lens_R_e), src_x=_uni(d("src_x"), (-p.src_center, p.src_center)),
              src_y=_uni(d("src_y"), (-p.src_center, p.src_center)), src_R_e=_uni(d("src_R_e"), p.src_R_e),
@@ -395,7 +397,7 @@ def _slots(p: LensFindingPreset, t: dict, key: Tensor) -> dict[str, Tensor]:
     c, j = t["centre"], torch.arange(S)
     field, star = (j >= 2) & (j < 7), j >= 7
     kind = torch.where(field, (us[..., 0] >= 0.5).long(), torch.where(star, 2, 1)).expand(B, S).clone()
-    kind[:, 0] = torch.tensor([0, 0, 1, 2, 0])[c]
+    kind[:, 0] = torch.tensor([0, 0, 1, 2, 0, 0])[c]
     half = p.npix * p.pixel_scale / 2
     cx, cy = -half + 2 * half * us[..., 1], -half + 2 * half * us[..., 2]
     off = ((c == 1) | (c == 2) | (c == 3)).double()               # a lone central object sits near the centre
@@ -408,7 +410,7 @@ def _slots(p: LensFindingPreset, t: dict, key: Tensor) -> dict[str, Tensor]:
     q = torch.where(ell, 0.5 + 0.5 * us[..., 5], 0.3 + 0.7 * us[..., 5]); phi = math.pi * us[..., 6]
     f = us[..., 7:10]
     sed = torch.where(ell[..., None], _ELL_SED * (0.8 + 0.4 * f), torch.where((kind == 1)[..., None], _DISC_SED * (0.7 + 0.6 * f), 0.3 + 0.7 * f))
-    lens = c == 0                                                  # a lens: slot 0 is the lens galaxy
+    lens = (c == 0) | (c == 5)                                     # a lens or an "lrg": slot 0 is a lens galaxy
     R_e[:, 0] = torch.where(lens, t["lens_R_e"], R_e[:, 0]); q[:, 0] = torch.where(lens, t["q"], q[:, 0])
     phi[:, 0] = torch.where(lens, t["phi"], phi[:, 0])
     sed[:, 0] = torch.where(lens[:, None], t["lens_sed"], sed[:, 0])

@@ -188,10 +188,12 @@ def sample_lens_finding(p: LensFindingPreset, is_lens: bool, rng: np.random.Gene
                  src_y=float(rng.uniform(-p.src_center, p.src_center)), src_R_e=_u(rng, p.src_R_e), src_q=float(rng.uniform(0.5, 1)),
                  src_phi=float(rng.uniform(0, math.pi)), arc_flux=_u(rng, p.arc_to_lens_flux))
     else:
-        t.update(centre=str(rng.choice(["elliptical", "elliptical", "disc", "star", "pair"])))
+        t.update(centre=str(rng.choice(list(p.nonlens_centres))))
+        if t["centre"] == "lrg": t.update(q=_u(rng, p.lens_q), phi=float(rng.uniform(0, math.pi)), lens_R_e=_u(rng, p.lens_R_e))
     scatter = lambda k, s: (np.asarray(getattr(p, k)) * rng.uniform(1 - s, 1 + s, len(p.bands))).tolist()
     t["noise_bands"] = (np.asarray(p.band_noise) * 10 ** rng.uniform(-p.band_noise_scatter, p.band_noise_scatter, len(p.bands))).tolist()
-    if is_lens: t.update(lens_sed=scatter("lens_sed", p.lens_sed_scatter), src_sed=scatter("src_sed", p.src_sed_scatter))
+    if t["centre"] in ("lens", "lrg"): t["lens_sed"] = scatter("lens_sed", p.lens_sed_scatter)
+    if is_lens: t["src_sed"] = scatter("src_sed", p.src_sed_scatter)
     return t
 
 # %% ../nbs/02_simulate.ipynb #f6fd643d
@@ -201,13 +203,16 @@ def render_lens_finding(t: dict, p: LensFindingPreset, *, device="cpu", dtype=to
     x, y = pixel_grid(p.npix, p.pixel_scale, device=dev, dtype=dtype)
     rng, size = np.random.default_rng(t["field_seed"]), t.get("gal_size", 1.0)   # truth written before gal_size: 1
     img = torch.zeros(3, p.npix, p.npix, device=dev, dtype=dtype)
-    if t["centre"] == "lens":
+    if t["centre"] in ("lens", "lrg"):   # a lens galaxy; a lens adds its arcs
         lens = sersic(x, y, R_e=t["lens_R_e"], n=4.0, q=t["q"], phi=t["phi"]); lens = lens / lens.max()
-        bx, by = lens_equation(x, y, *alpha_sie_shear(x, y, theta_E=t["theta_E"], q=t["q"], phi=t["phi"], gamma1=t["gamma1"], gamma2=t["gamma2"]))
-        arcs = sersic(bx, by, R_e=t["src_R_e"], n=1.0, q=t["src_q"], phi=t["src_phi"], x0=t["src_x"], y0=t["src_y"])
-        ls, ss = t.get("lens_sed", p.lens_sed), t.get("src_sed", p.src_sed)   # truth written before the colours: the preset's
-        arcs = arcs / arcs.sum() * lens.sum() * t["arc_flux"] / ss[0] * ls[0]
-        img += torch.stack([lens * s for s in ls]) + torch.stack([arcs * s for s in ss])
+        ls = t.get("lens_sed", p.lens_sed)   # truth written before the colours: the preset's
+        img += torch.stack([lens * s for s in ls])
+        if t["centre"] == "lens":
+            bx, by = lens_equation(x, y, *alpha_sie_shear(x, y, theta_E=t["theta_E"], q=t["q"], phi=t["phi"], gamma1=t["gamma1"], gamma2=t["gamma2"]))
+            arcs = sersic(bx, by, R_e=t["src_R_e"], n=1.0, q=t["src_q"], phi=t["src_phi"], x0=t["src_x"], y0=t["src_y"])
+            ss = t.get("src_sed", p.src_sed)
+            arcs = arcs / arcs.sum() * lens.sum() * t["arc_flux"] / ss[0] * ls[0]
+            img += torch.stack([arcs * s for s in ss])
     elif t["centre"] == "pair":
         img += _lf_galaxy(rng, x, y, "elliptical", 0.0, 0.0, 1.0, size) + _lf_galaxy(rng, x, y, "disc", *rng.uniform(-2, 2, size=2), rng.uniform(0.2, 0.8), size)
     else:
@@ -364,12 +369,13 @@ def simulate_task1(out: str | Path, *, n_train: int = 30_000, # images in train/
 _LF_KEYS = ("psf_fwhm", "noise_sigma", "n_field", "n_stars", "gal_size", "noise_bands")
 _LF_LENS_KEYS = ("theta_E", "q", "phi", "gamma1", "gamma2", "lens_R_e", "src_x", "src_y", "src_R_e", "src_q", "src_phi", "arc_flux",
                  "lens_sed", "src_sed")
+_LF_GAL_KEYS = ("q", "phi", "lens_R_e", "lens_sed")   # the lens galaxy's: kept for the "lrg" non-lenses too
 
 def _lf_rows(t: dict, p: LensFindingPreset) -> list[dict]:
     rows = _rows(t, _LF_KEYS + _LF_LENS_KEYS, p, lf=True)
     for r, c in zip(rows, t["centre"].tolist()):
         r["centre"] = _CENTRES[c]
-        if c: [r.pop(k) for k in _LF_LENS_KEYS]
+        if c: [r.pop(k) for k in _LF_LENS_KEYS if not (_CENTRES[c] == "lrg" and k in _LF_GAL_KEYS)]
     return rows
 
 def lens_finding_batches(p: LensFindingPreset, counts: dict, *, seed: int = 0, device="cpu", batch_size: int = 256,
