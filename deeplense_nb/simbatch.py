@@ -410,7 +410,7 @@ def _slots(p: LensFindingPreset, t: dict, key: Tensor) -> dict[str, Tensor]:
     q = torch.where(ell, 0.5 + 0.5 * us[..., 5], 0.3 + 0.7 * us[..., 5]); phi = math.pi * us[..., 6]
     f = us[..., 7:10]
     sed = torch.where(ell[..., None], _ELL_SED * (0.8 + 0.4 * f), torch.where((kind == 1)[..., None], _DISC_SED * (0.7 + 0.6 * f), 0.3 + 0.7 * f))
-    lens = (c == 0) | (c == 5)                                     # a lens or an "lrg": slot 0 is a lens galaxy
+    lens = (c == 0) | (c == _CENTRES.index("lrg"))                 # a lens or an "lrg": slot 0 is a lens galaxy
     R_e[:, 0] = torch.where(lens, t["lens_R_e"], R_e[:, 0]); q[:, 0] = torch.where(lens, t["q"], q[:, 0])
     phi[:, 0] = torch.where(lens, t["phi"], phi[:, 0])
     sed[:, 0] = torch.where(lens[:, None], t["lens_sed"], sed[:, 0])
