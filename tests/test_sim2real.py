@@ -43,4 +43,5 @@ def test_sim2real_quick(tmp_path, cli):
     assert t2["n"] == n_ii > 0 and 0 < t2["n_lenses"] < n_ii and 0 <= t2["auc"] <= 1 and 0 <= t2["average_precision"] <= 1
     assert t2["auc_ci"][0] <= t2["auc_ci"][1] and set(t2["tpr_at_fpr"]) == {"0.001", "0.01", "0.1"}
     assert t2["n_networks"] == m["settings"]["lf_seeds"] == len(t2["auc_single_networks"]) >= 1
-    assert {src: set(d) for src, d in t2["cutout_stats"].items()} == {s: {"lenses", "nonlenses"} for s in ("real", "sim", "sim_before")}
+    assert {src: set(d) for src, d in t2["cutout_stats"].items()} == {s: {"lenses", "nonlenses"} for s in ("real", "sim", "sim_fixed_colours", "sim_before")}
+    assert all(len(c["noise_to_last_band"]) == 3 and c["noise_to_last_band"][2] == 1 for d in t2["cutout_stats"].values() for c in d.values())
