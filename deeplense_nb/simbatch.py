@@ -94,6 +94,8 @@ def get_preset(preset: str | SimPreset = "model_i", **overrides) -> SimPreset:
     return p.replace(**overrides) if overrides else p
 
 # %% ../nbs/01a_simbatch.ipynb #1efb8b3c
+_CENTRES = ("lens", "elliptical", "disc", "star", "pair", "lrg")   # centre codes of `sample_lens_finding_batch`
+
 @dataclass
 class LensFindingPreset(Config):
     "Knobs of the three-band lens-finding simulator (Task II). Ranges are (low, high), uniform."
@@ -128,6 +130,8 @@ class LensFindingPreset(Config):
     def __post_init__(self):
         for k in ("lens_sed", "src_sed", "band_noise"):
             if len(getattr(self, k)) != len(self.bands): raise DeepLenseError(f"{k} has {len(getattr(self, k))} values for {len(self.bands)} bands {self.bands}")
+        if not self.nonlens_centres or set(self.nonlens_centres) - set(_CENTRES[1:]):
+            raise DeepLenseError(f"nonlens_centres {tuple(self.nonlens_centres)}: expected a non-empty list drawn from {_CENTRES[1:]}")
 
 # %% ../nbs/01a_simbatch.ipynb #279b65cf
 _MASK64 = (1 << 64) - 1
@@ -350,7 +354,6 @@ def simulate_images(n_or_index, # number of images (indices 0..n-1) or the image
     return imgs, labels.to(dev)
 
 # %% ../nbs/01a_simbatch.ipynb #fae8633c
-_CENTRES = ("lens", "elliptical", "disc", "star", "pair", "lrg")   # centre codes of `sample_lens_finding_batch`
 _LF_DRAWS = {k: i for i, k in enumerate(("psf_fwhm", "noise_sigma", "n_field", "n_stars", "centre", "theta_E", "q", "phi",
                                           "shear", "shear_phi", "lens_R_e", "src_x", "src_y", "src_R_e", "src_q", "src_phi",
                                           "arc_flux", "gal_size"))}
