@@ -17,23 +17,24 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from .core import CLASSES_T1, DeepLenseError, get_device
-from .physics import alpha_vortex, ellipticity_to_q_phi, pixel_grid, q_phi_to_ellipticity, smooth_lens_image, theta_E_halo
+from .physics import alpha_line_mass, ellipticity_to_q_phi, pixel_grid, q_phi_to_ellipticity, smooth_lens_image, theta_E_halo
 from .simulate import count_scale
 
 # %% auto #0
-__all__ = ['RESIDUAL_FEATURES', 'GEOMETRY_FEATURES', 'fit_smooth_lens', 'residual_significance', 'residual_features',
-           'residual_classifier', 'population_check', 'residual_cnn_input', 'fit_vortex']
+__all__ = ['RESIDUAL_FEATURES', 'GEOMETRY_FEATURES', 'VORTEX_FEATURES', 'fit_smooth_lens', 'residual_significance',
+           'residual_features', 'residual_classifier', 'population_check', 'residual_cnn_input', 'fit_vortex',
+           'vortex_features']
 
 # %% ../nbs/02a_lensfit.ipynb #2344a332
 def _q_phi(e1, e2):
     "Axis ratio and angle of a fitted ellipticity, kept to |e| <= 0.6 per component."
     return ellipticity_to_q_phi(e1.clamp(-0.6, 0.6), e2.clamp(-0.6, 0.6))
 
-def _smooth_model(P: dict, x, y, pixel_scale: float, gain: float = 1.0, n_vort: int = 25) -> torch.Tensor:
-    "Expected counts `(B, H, W)` of the fit's parameters `P` (unconstrained, `(B,)` each) on the grid `x, y`, times `gain` (binned pixels); with a vortex of `n_vort` points where `P` has one (`fit_vortex`)."
+def _smooth_model(P: dict, x, y, pixel_scale: float, gain: float = 1.0) -> torch.Tensor:
+    "Expected counts `(B, H, W)` of the fit's parameters `P` (unconstrained, `(B,)` each) on the grid `x, y`, times `gain` (binned pixels); with a vortex (a line mass) where `P` has one (`fit_vortex`)."
     v = lambda k: P[k].view(-1, 1, 1)
-    alpha = None if "logtv" not in P else alpha_vortex(x, y, theta_E_total=P["logtv"].exp(), length=P["logL"].exp(), angle=P["ang"],
-                                                       x0=P["vx"].view(-1, 1), y0=P["vy"].view(-1, 1), n=n_vort, s=0.01)
+    alpha = None if "logtv" not in P else alpha_line_mass(x, y, theta_E_total=v("logtv").exp(), length=v("logL").exp(), angle=v("ang"),
+                                                          x0=v("vx"), y0=v("vy"), s=0.01)
     q, phi = (t.view(-1, 1, 1) for t in _q_phi(P["le1"], P["le2"]))
     sq, sphi = (t.view(-1, 1, 1) for t in _q_phi(P["se1"], P["se2"]))
     return gain * smooth_lens_image(x, y, theta_E=v("logtE").exp(), q=q, phi=phi, x0=v("x0"), y0=v("y0"), gamma1=v("g1"), gamma2=v("g2"),
@@ -46,17 +47,17 @@ def _poisson_deviance(m, C):
     "Poisson deviance per pixel of model `m` for counts `C` (about 1 when only photon noise is left)."
     return 2 * ((m - C) - C * torch.log(m / C.clamp(min=1e-9)).where(C > 0, torch.zeros_like(m))).mean((-2, -1))
 
-def _adam_fit(P: dict, C, x, y, pixel_scale, steps, lr, gain=1.0, n_vort=25):
+def _adam_fit(P: dict, C, x, y, pixel_scale, steps, lr, gain=1.0):
     "Adam on the Poisson negative log-likelihood of `_smooth_model`; returns the final parameters, model and deviance."
     P = {k: v.detach().clone().requires_grad_(True) for k, v in P.items()}
     opt = torch.optim.Adam(P.values(), lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
-            m = _smooth_model(P, x, y, pixel_scale, gain, n_vort)
+            m = _smooth_model(P, x, y, pixel_scale, gain)
             loss = (m - C * torch.log(m)).mean((1, 2)).sum()
             opt.zero_grad(); loss.backward(); opt.step()
     with torch.no_grad():
-        m = _smooth_model(P, x, y, pixel_scale, gain, n_vort)
+        m = _smooth_model(P, x, y, pixel_scale, gain)
         return {k: v.detach() for k, v in P.items()}, m, _poisson_deviance(m, C)
 
 # %% ../nbs/02a_lensfit.ipynb #eb3addf5
@@ -237,7 +238,7 @@ def _fit_records(fits) -> list[dict]:
     return list(fits)
 
 # %% ../nbs/02a_lensfit.ipynb #97345d2b
-def _vortex_chunk(a, fits, grid, log_tv0, te1, pixel_scale, crop, n_points, steps, refine, lr, dev) -> list[dict]:
+def _vortex_chunk(a, fits, grid, log_tv0, te1, pixel_scale, crop, steps, refine, lr, dev) -> list[dict]:
     "`fit_vortex` on one chunk: the smooth fits refined alone, then with a vortex from every start of `grid` (binned), the best one refined on all pixels."
     C, x, y = _counts(a, pixel_scale, crop, dev); n, S = len(C), len(grid)
     U = [_unconstrained(f) for f in fits]
@@ -247,9 +248,9 @@ def _vortex_chunk(a, fits, grid, log_tv0, te1, pixel_scale, crop, n_points, step
     P.update(ang=torch.tensor([g[0] for g in grid] * n, device=dev), logL=torch.tensor([g[1] for g in grid] * n, device=dev).log(),
              vx=P["x0"].clone(), vy=P["y0"].clone(), logtv=torch.full((n * S,), log_tv0, device=dev))
     Cb, xb, yb = _binned(C, x, y, 2)
-    P, _, D = _adam_fit(P, Cb.repeat_interleave(S, 0), xb, yb, 2 * pixel_scale, steps, lr, gain=4, n_vort=n_points)
+    P, _, D = _adam_fit(P, Cb.repeat_interleave(S, 0), xb, yb, 2 * pixel_scale, steps, lr, gain=4)
     best = D.view(n, S).argmin(1) + torch.arange(n, device=dev) * S
-    P, _, D = _adam_fit({k: v[best] for k, v in P.items()}, C, x, y, pixel_scale, refine, lr / 4, n_vort=n_points)
+    P, _, D = _adam_fit({k: v[best] for k, v in P.items()}, C, x, y, pixel_scale, refine, lr / 4)
     P = {k: v.cpu().double() for k, v in P.items()}
     return [dict(vort_mass=float((P["logtv"][b].exp() / te1) ** 2), vort_length=float(P["logL"][b].exp()),
                  vort_angle=float(P["ang"][b]) % math.pi, vort_offset=float(torch.hypot(P["vx"][b] - P["x0"][b], P["vy"][b] - P["y0"][b])),
@@ -259,7 +260,7 @@ def fit_vortex(images, # (B, 1, H, W) or (B, H, W) min-max images of normalised 
                fits, # their smooth-lens fits: `fit_smooth_lens` dicts, or `residual_features` (its `fit_*` columns)
                *, pixel_scale: float = 0.05, crop: int = 20, # arcsec per pixel; pixels dropped on each side
                z_l: float = 0.5, z_s: float = 1.0, # redshifts: the mass from the Einstein radius (DeepLenseSim's convention)
-               n_points: int = 25, angles: int = 4, lengths: tuple = (0.3, 1.0, 3.0), # points on the line; starts: angles x lengths (arcsec)
+               angles: int = 4, lengths: tuple = (0.3, 1.0, 3.0), # starts: angles x lengths (arcsec)
                mass: float = 3e10, # starting vortex mass, solar masses
                steps: int = 250, refine: int = 150, lr: float = 0.02, batch: int = 16, device="cpu",
               ) -> pd.DataFrame:
@@ -269,6 +270,18 @@ def fit_vortex(images, # (B, 1, H, W) or (B, H, W) min-max images of normalised 
     if a.dim() != 3 or len(fits) != len(a): raise DeepLenseError(f"fit_vortex wants (B, H, W) images and one smooth fit each; got shape {tuple(a.shape)} and {len(fits)} fits")
     te1 = float(theta_E_halo(torch.tensor(1.0, dtype=torch.float64), z_l, z_s))   # Einstein radius of one solar mass, arcsec
     grid = [(math.pi * i / angles, L) for i in range(angles) for L in lengths]
-    kw = dict(grid=grid, log_tv0=math.log(te1 * math.sqrt(mass)), te1=te1, pixel_scale=pixel_scale, crop=crop, n_points=n_points,
+    kw = dict(grid=grid, log_tv0=math.log(te1 * math.sqrt(mass)), te1=te1, pixel_scale=pixel_scale, crop=crop,
               steps=steps, refine=refine, lr=lr, dev=dev)
     return pd.DataFrame([r for i in range(0, len(a), batch) for r in _vortex_chunk(a[i:i + batch], fits[i:i + batch], **kw)])
+
+# %% ../nbs/02a_lensfit.ipynb #9be74dd0
+VORTEX_FEATURES = RESIDUAL_FEATURES + ("vortex_gain",)
+
+def vortex_features(images, # (B, 1, H, W) or (B, H, W) images, as for `residual_features`
+                    features: pd.DataFrame, # their `residual_features`
+                    **kw, # `fit_vortex` settings
+                   ) -> pd.DataFrame:
+    "`residual_features` with each image's `fit_vortex` beside them: `vortex_gain`, the deviance per pixel a vortex removes (>= 0), and the fitted `vort_*`."
+    v = fit_vortex(images, features, **kw)
+    out = features.reset_index(drop=True).assign(**{c: v[c].to_numpy() for c in v.columns})
+    return out.assign(vortex_gain=(v.deviance_smooth - v.deviance_vortex).clip(lower=0).to_numpy())

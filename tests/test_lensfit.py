@@ -11,8 +11,8 @@ from deeplense_nb import lensfit
 from deeplense_nb.lensfit import (fit_smooth_lens, residual_features, residual_classifier, residual_cnn_input,
                                   residual_significance, RESIDUAL_FEATURES, GEOMETRY_FEATURES)
 
-def _smooth_model_v1(P: dict, x, y, pixel_scale: float, gain: float = 1.0, n_vort: int = 25) -> torch.Tensor:
-    "Frozen copy of the fitter's model before it moved onto `physics.smooth_lens_image` (own separable PSF); `gain` as in the binned search (`n_vort`: the smooth fit has no vortex)."
+def _smooth_model_v1(P: dict, x, y, pixel_scale: float, gain: float = 1.0) -> torch.Tensor:
+    "Frozen copy of the fitter's model before it moved onto `physics.smooth_lens_image` (own separable PSF); `gain` as in the binned search."
     v = lambda k: P[k].view(-1, 1, 1)
     q, phi = ellipticity_to_q_phi(P["le1"].clamp(-0.6, 0.6), P["le2"].clamp(-0.6, 0.6))
     ax, ay = alpha_sie(x, y, theta_E=v("logtE").exp(), q=q.view(-1, 1, 1), phi=phi.view(-1, 1, 1), x0=v("x0"), y0=v("y0"))
@@ -115,7 +115,7 @@ def test_fit_on_cuda_matches_cpu():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_vortex_fit_on_cuda_matches_cpu():
-    "`fit_vortex` on a GPU (the point-mass deflections with gradients there): the fitted vortex agrees with the CPU fit."
+    "`fit_vortex` on a GPU (the line-mass deflection with gradients there): the fitted vortex agrees with the CPU fit."
     xs, _, _ = simulate_batch(2, preset="model_i", labels=[2, 2], seed=5)
     f = residual_features(xs, starts=2, steps=100, refine=100, crop=20)
     cpu, gpu = lensfit.fit_vortex(xs, f), lensfit.fit_vortex(xs, f, device="cuda")
