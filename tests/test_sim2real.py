@@ -10,7 +10,7 @@ def test_sim2real_quick(tmp_path, cli):
     assert r.returncode == 0 and "Traceback" not in r.stderr
     m = json.loads((out / "metrics.json").read_text())
     n_real = len([f for f in Path(m["real_dir"]).rglob("*.npy") if f.parent.name in CLASSES_T1])
-    assert set(m["methods"]) >= {"residual", "cnn", "residual_cnn", "residual+residual_cnn"} and m["best_method"] in m["methods"]
+    assert set(m["methods"]) >= {"residual", "residual_vortex", "cnn", "residual_cnn", "residual+residual_cnn"} and m["best_method"] in m["methods"]
     assert m["n_real"] == n_real > 0 and m["methods"]["residual_cnn"]["n_networks"] == m["settings"]["rcnn_seeds"] >= 1
     assert len(m["methods"]["residual_cnn"]["auc_macro_single_networks"]) == m["settings"]["rcnn_seeds"]
     assert (out / "residual_cnn_0" / "best.ckpt").is_file() and (out / "residual_maps.png").is_file()
@@ -23,7 +23,10 @@ def test_sim2real_quick(tmp_path, cli):
         assert (out / f"confusion_{name}.png").is_file()
     sh = m["shift"]   # every method also scored images of a second simulator it never trained on
     assert sh["preset"] == m["settings"]["shift_preset"] == "deeplensesim_recipe" and sh["n"] == m["settings"]["n_shift"] > 0
-    assert all(0 <= v["shift_auc_macro"] <= 1 and np.array(v["shift_confusion"]).sum() == sh["n"] for v in m["methods"].values())
+    assert all(0 <= v["shift_auc_macro"] <= 1 and np.array(v["shift_confusion"]).sum() == v["shift_n"] for v in m["methods"].values())
+    n_vf = m["settings"]["n_vortex_fit"]   # residual_vortex: trained on the vortex fits of the first n_vortex_fit training images, scored on a third as many shifted ones
+    assert {k: v["shift_n"] for k, v in m["methods"].items()} == {k: max(3, n_vf // 3) if k == "residual_vortex" else sh["n"] for k in m["methods"]}
+    assert m["methods"]["residual_vortex"]["n_train"] == n_vf and "vortex_gain" in m["methods"]["residual_vortex"]["features"]
     assert set(sh["feature_medians"]) == {f"{src} {c}" for src in ("model_i", "deeplensesim_recipe") for c in CLASSES_T1}
     assert m["auc_macro"] == m["methods"][m["best_method"]]["auc_macro"] == max(v["auc_macro"] for v in m["methods"].values())
     cs = m["consistency"]   # each class's real images among the simulated ones of both simulators: quantiles and KS p
@@ -33,7 +36,8 @@ def test_sim2real_quick(tmp_path, cli):
     so = m["source_offset"]   # the fitted source distances from the lens centre, real against simulated
     assert 0 <= so["ks_p"] <= 1 and set(so["median"]) == set(so["within_0.05"]) == {"real", "sim"}
     vf, n_vort = m["vortex_fit"], sum(Path(f).parent.name == "vort" for f in Path(m["real_dir"]).rglob("*.npy"))   # the fitted vortices, real and simulated
-    assert vf["n"] == {"real": n_vort, "sim": m["settings"]["n_vortex_fit"]} and all(0 <= p <= 1 for p in vf["ks_p"].values())
+    assert vf["n"]["real"] == n_vort and 1 <= vf["n"]["sim"] <= n_vf and all(0 <= p <= 1 for p in vf["ks_p"].values())
+    assert set(vf["vortex_gain"]) == {"real", "sim"} and all(g >= 0 for d in vf["vortex_gain"].values() for g in d.values())
     assert all(v["vort_mass"] > 0 and v["vort_length"] > 0 and v["vort_offset"] >= 0 for v in vf["median"].values())
     fm = m["fit_match"]   # fit-matching: per-class medians of the residual features and the fit, real and simulated
     assert {f"{src} {c}" for src in ("real", "sim") for c in CLASSES_T1} <= set(fm)
