@@ -264,7 +264,7 @@ def fit_vortex(images, # (B, 1, H, W) or (B, H, W) min-max images of normalised 
                mass: float = 3e10, # starting vortex mass, solar masses
                steps: int = 250, refine: int = 150, lr: float = 0.02, batch: int = 16, device="cpu",
               ) -> pd.DataFrame:
-    "Fit a vortex (a line of equal point masses) together with each image's smooth lens: its mass (solar masses), length, angle, centre, and the deviance with and without it."
+    "Fit a vortex (a uniform line mass, `physics.alpha_line_mass`) together with each image's smooth lens: its mass (solar masses), length, angle, centre, and the deviance with and without it."
     a = torch.as_tensor(np.asarray(images), dtype=torch.float64); a = a[:, 0] if a.dim() == 4 else a
     fits, dev = _fit_records(fits), get_device(device)
     if a.dim() != 3 or len(fits) != len(a): raise DeepLenseError(f"fit_vortex wants (B, H, W) images and one smooth fit each; got shape {tuple(a.shape)} and {len(fits)} fits")
