@@ -27,6 +27,7 @@ def test_sim2real_quick(tmp_path, cli):
     n_vf = m["settings"]["n_vortex_fit"]   # residual_vortex: trained on the vortex fits of the first n_vortex_fit training images, scored on a third as many shifted ones
     assert {k: v["shift_n"] for k, v in m["methods"].items()} == {k: max(3, n_vf // 3) if k == "residual_vortex" else sh["n"] for k in m["methods"]}
     assert m["methods"]["residual_vortex"]["n_train"] == n_vf and "vortex_gain" in m["methods"]["residual_vortex"]["features"]
+    assert all(0 <= v <= 1 for v in m["methods"]["residual_vortex"]["residual_on_same_images"].values())   # like for like with `residual`
     assert set(sh["feature_medians"]) == {f"{src} {c}" for src in ("model_i", "deeplensesim_recipe") for c in CLASSES_T1}
     assert m["auc_macro"] == m["methods"][m["best_method"]]["auc_macro"] == max(v["auc_macro"] for v in m["methods"].values())
     cs = m["consistency"]   # each class's real images among the simulated ones of both simulators: quantiles and KS p
