@@ -95,6 +95,7 @@ def get_preset(preset: str | SimPreset = "model_i", **overrides) -> SimPreset:
 
 # %% ../nbs/01a_simbatch.ipynb #1efb8b3c
 _CENTRES = ("lens", "elliptical", "disc", "star", "pair", "lrg")   # centre codes of `sample_lens_finding_batch`
+_LENS_GALAXY = ("lens", "lrg")   # centres whose central galaxy is drawn as the lens galaxies are
 
 @dataclass
 class LensFindingPreset(Config):
@@ -400,20 +401,21 @@ def _slots(p: LensFindingPreset, t: dict, key: Tensor) -> dict[str, Tensor]:
     c, j = t["centre"], torch.arange(S)
     field, star = (j >= 2) & (j < 7), j >= 7
     kind = torch.where(field, (us[..., 0] >= 0.5).long(), torch.where(star, 2, 1)).expand(B, S).clone()
-    kind[:, 0] = torch.tensor([0, 0, 1, 2, 0, 0])[c]
+    by_name = lambda f: torch.tensor([f(n) for n in _CENTRES])[c]   # a property of each image's centre, looked up by name
+    kind[:, 0] = by_name(lambda n: {"disc": 1, "star": 2}.get(n, 0))
     half = p.npix * p.pixel_scale / 2
     cx, cy = -half + 2 * half * us[..., 1], -half + 2 * half * us[..., 2]
-    off = ((c == 1) | (c == 2) | (c == 3)).double()               # a lone central object sits near the centre
+    off = by_name(lambda n: n in ("elliptical", "disc", "star")).double()   # a lone central object sits near the centre
     cx[:, 0], cy[:, 0] = 0.1 * _normal(us[:, 0, 1]) * off, 0.1 * _normal(us[:, 0, 2]) * off
     cx[:, 1], cy[:, 1] = -2 + 4 * us[:, 1, 1], -2 + 4 * us[:, 1, 2]
     amp = 10 ** (-1.3 + 1.3 * us[..., 3]) * ((field & (j - 2 < t["n_field"][:, None])) | (star & (j - 7 < t["n_stars"][:, None])))
-    amp[:, 0], amp[:, 1] = 1.0, (0.2 + 0.6 * us[:, 1, 3]) * (c == 4)
+    amp[:, 0], amp[:, 1] = 1.0, (0.2 + 0.6 * us[:, 1, 3]) * by_name(lambda n: n == "pair")
     ell = kind == 0
     R_e = torch.where(ell, 0.3 + 0.7 * us[..., 4], 0.3 + 0.9 * us[..., 4]) * t["gal_size"][:, None]
     q = torch.where(ell, 0.5 + 0.5 * us[..., 5], 0.3 + 0.7 * us[..., 5]); phi = math.pi * us[..., 6]
     f = us[..., 7:10]
     sed = torch.where(ell[..., None], _ELL_SED * (0.8 + 0.4 * f), torch.where((kind == 1)[..., None], _DISC_SED * (0.7 + 0.6 * f), 0.3 + 0.7 * f))
-    lens = (c == 0) | (c == _CENTRES.index("lrg"))                 # a lens or an "lrg": slot 0 is a lens galaxy
+    lens = by_name(lambda n: n in _LENS_GALAXY)                    # slot 0 is a lens galaxy
     R_e[:, 0] = torch.where(lens, t["lens_R_e"], R_e[:, 0]); q[:, 0] = torch.where(lens, t["q"], q[:, 0])
     phi[:, 0] = torch.where(lens, t["phi"], phi[:, 0])
     sed[:, 0] = torch.where(lens[:, None], t["lens_sed"], sed[:, 0])

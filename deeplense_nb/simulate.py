@@ -17,7 +17,7 @@ from .core import CLASSES_T1, Config, DeepLenseError, atomic_write_text, check_c
 from .physics import (pixel_grid, alpha_sie_shear, alpha_point_masses, vortex_positions, lens_equation,
                                   sersic, gaussian_psf, convolve, smooth_lens_image)
 from .simbatch import (PRESETS, LensFindingPreset, SimPreset, get_preset, render_batch, render_lens_finding_batch,
-                                   sample_lens_finding_batch, sample_truth_batch, minmax, _CENTRES, _theta_E_pm)
+                                   sample_lens_finding_batch, sample_truth_batch, minmax, _CENTRES, _LENS_GALAXY, _theta_E_pm)
 _all_ = ["PRESETS", "SimPreset", "get_preset", "LensFindingPreset", "minmax"]  # re-exported from simbatch
 
 # %% auto #0
@@ -192,7 +192,7 @@ def sample_lens_finding(p: LensFindingPreset, is_lens: bool, rng: np.random.Gene
         if t["centre"] == "lrg": t.update(q=_u(rng, p.lens_q), phi=float(rng.uniform(0, math.pi)), lens_R_e=_u(rng, p.lens_R_e))
     scatter = lambda k, s: (np.asarray(getattr(p, k)) * rng.uniform(1 - s, 1 + s, len(p.bands))).tolist()
     t["noise_bands"] = (np.asarray(p.band_noise) * 10 ** rng.uniform(-p.band_noise_scatter, p.band_noise_scatter, len(p.bands))).tolist()
-    if t["centre"] in ("lens", "lrg"): t["lens_sed"] = scatter("lens_sed", p.lens_sed_scatter)
+    if t["centre"] in _LENS_GALAXY: t["lens_sed"] = scatter("lens_sed", p.lens_sed_scatter)
     if is_lens: t["src_sed"] = scatter("src_sed", p.src_sed_scatter)
     return t
 
@@ -203,7 +203,7 @@ def render_lens_finding(t: dict, p: LensFindingPreset, *, device="cpu", dtype=to
     x, y = pixel_grid(p.npix, p.pixel_scale, device=dev, dtype=dtype)
     rng, size = np.random.default_rng(t["field_seed"]), t.get("gal_size", 1.0)   # truth written before gal_size: 1
     img = torch.zeros(3, p.npix, p.npix, device=dev, dtype=dtype)
-    if t["centre"] in ("lens", "lrg"):   # a lens galaxy; a lens adds its arcs
+    if t["centre"] in _LENS_GALAXY:   # a lens galaxy; a lens adds its arcs
         lens = sersic(x, y, R_e=t["lens_R_e"], n=4.0, q=t["q"], phi=t["phi"]); lens = lens / lens.max()
         ls = t.get("lens_sed", p.lens_sed)   # truth written before the colours: the preset's
         img += torch.stack([lens * s for s in ls])
@@ -375,7 +375,8 @@ def _lf_rows(t: dict, p: LensFindingPreset) -> list[dict]:
     rows = _rows(t, _LF_KEYS + _LF_LENS_KEYS, p, lf=True)
     for r, c in zip(rows, t["centre"].tolist()):
         r["centre"] = _CENTRES[c]
-        if c: [r.pop(k) for k in _LF_LENS_KEYS if not (_CENTRES[c] == "lrg" and k in _LF_GAL_KEYS)]
+        for k in _LF_LENS_KEYS if c else ():   # a non-lens drops the lens's keys, but keeps its galaxy's if it has one
+            if not (_CENTRES[c] in _LENS_GALAXY and k in _LF_GAL_KEYS): r.pop(k)
     return rows
 
 def lens_finding_batches(p: LensFindingPreset, counts: dict, *, seed: int = 0, device="cpu", batch_size: int = 256,
