@@ -10,7 +10,8 @@ steps of a classifier on the same images, so the JSON says whether the simulator
 
 lenstronomy is the engine DeepLenseSim used to make the real Task I data; the comparison renders the same physics
 (SIE + external shear, 25 point-mass subhalos or a 100-point vortex, elliptical Sersic source, the preset's PSF (a Gaussian core + wing for model_i),
-Poisson noise) at the same size with both codes. Writes JSON (`--out DIR/bench_simulate.json`).
+Poisson noise) at the same size with both codes; `batched_over_lenstronomy` is the median ratio of rounds that time one
+batched call and one lenstronomy call back to back (max(--repeat, 3) rounds). Writes JSON (`--out DIR/bench_simulate.json`).
 Run: python benchmarks/bench_simulate.py [--n 768] [--n-per-image N] [--batch B] [--device cuda] [--repeat 3] [--train-model resnet18]
 Every figure is written to the JSON as soon as it is measured ("complete": true once all are).
 """
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from deeplense_nb.simulate import (get_preset, sample_truth, image_rng, render, CLASSES_T1, LensFindingPreset,
                                    sample_lens_finding, render_lens_finding)
-from deeplense_nb.simbatch import simulate_images
+from deeplense_nb.simbatch import simulate_images, sim_batch_size
 
 def _sync(device):
     if str(device).startswith("cuda"): torch.cuda.synchronize()
@@ -107,15 +108,21 @@ def _lenstronomy_images(truth):
         img = img / img.max() * t["peak_counts"] + p.sky_counts
         img = rng.poisson(np.clip(img, 0, None)); img = (img - img.min()) / (img.max() - img.min())
 
-def bench_lenstronomy(truth, n, repeat):
-    "lenstronomy's images/s on the first n truth dicts (warm-up on one image: the slow code is per image anyway)."
-    return _best_rate(lambda: _lenstronomy_images(truth[:n]), n, "cpu", repeat, warmup=lambda: _lenstronomy_images(truth[:1]))
+def bench_vs_lenstronomy(n, nl, truth, device, rounds, batch):
+    """`rounds` pairs (our batched engine on n images, then lenstronomy on the first nl truth dicts): each one's images/s and
+    their ratio per pair, so a drift of the machine's speed during the run cancels (warm-up: one lenstronomy image)."""
+    _lenstronomy_images(truth[:1]); pairs = []
+    for _ in range(rounds):
+        t0 = time.perf_counter(); simulate_images(n, "model_i", seed=0, split="bench", device=device, batch_size=batch); _sync(device)
+        ours = n / (time.perf_counter() - t0)
+        t0 = time.perf_counter(); _lenstronomy_images(truth[:nl]); pairs.append((ours, nl / (time.perf_counter() - t0)))
+    return pairs
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=768, help="Model I images per timed call of the batched engine (default: three CPU batches, the steady state of simulating a set)")
     ap.add_argument("--n-per-image", type=int, default=240, help="images per timed call of the per-image reference and of the render-only figure")
-    ap.add_argument("--batch", type=int, default=None, help="batched engine: images rendered at once (default 256 on CPU, 2048 on CUDA)")
+    ap.add_argument("--batch", type=int, default=None, help="batched engine: images rendered at once (default: the library's, 32 on CPU, 2048 on CUDA)")
     ap.add_argument("--n-lenstronomy", type=int, default=60, help="images for lenstronomy (slower)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cuda figures only when a GPU exists)")
     ap.add_argument("--repeat", type=int, default=3, help="timed repetitions (medians reported)")
@@ -125,7 +132,7 @@ def main():
     a = ap.parse_args()
     cuda = a.device.startswith("cuda")
     if cuda and not torch.cuda.is_available(): raise SystemExit("--device cuda: no GPU on this machine")
-    batch, n1 = a.batch or (2048 if cuda else 256), a.n_per_image
+    batch, n1 = sim_batch_size(a.device, a.batch), a.n_per_image
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     res = dict(benchmark="simulate", machine=platform.processor() or platform.machine(), torch_threads=torch.get_num_threads(),
                device=a.device, n=a.n, n_per_image=n1, batch=batch, repeat=a.repeat, complete=False)
@@ -135,13 +142,15 @@ def main():
         (out / "bench_simulate.json").write_text(json.dumps(res, indent=2) + "\n")
         print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in kw.items() if not k.endswith("runs")), flush=True)
     record(**dict(zip(("batched_model_i_img_per_s", "batched_model_i_runs"), bench_batched(a.n, a.device, a.repeat, batch=batch))))
-    if cuda:   # the same engine with the point masses summed by the torch loop instead of the fused kernel
-        from deeplense_nb import physics
-        fused = physics.FUSED_POINT_MASSES; record(fused_point_masses=fused and physics._HAS_TRITON)
-        physics.FUSED_POINT_MASSES = False
-        try: record(**dict(zip(("batched_torch_loop_img_per_s", "batched_torch_loop_runs"), bench_batched(a.n, a.device, a.repeat, batch=batch))))
-        finally: physics.FUSED_POINT_MASSES = fused
-        record(fused_over_torch_loop=res["batched_model_i_img_per_s"] / res["batched_torch_loop_img_per_s"])
+    # the same engine with the point masses summed by the torch loop instead of the fast path (CUDA: the fused Triton
+    # kernel, CPU: the loop compiled by torch.compile); `*_point_masses` says whether the fast path ran (False: it failed)
+    from deeplense_nb import physics
+    switch = "FUSED_POINT_MASSES" if cuda else "COMPILED_POINT_MASSES"
+    fast = getattr(physics, switch); record(**{switch.lower(): fast and (physics._HAS_TRITON or not cuda)})
+    setattr(physics, switch, False)
+    try: record(**dict(zip(("batched_torch_loop_img_per_s", "batched_torch_loop_runs"), bench_batched(a.n, a.device, a.repeat, batch=batch))))
+    finally: setattr(physics, switch, fast)
+    record(**{f"{switch.split('_')[0].lower()}_over_torch_loop": res["batched_model_i_img_per_s"] / res["batched_torch_loop_img_per_s"]})
     record(**dict(zip(("per_image_model_i_img_per_s", "per_image_model_i_runs"), bench_per_image(n1, a.device, a.repeat))))
     record(batched_over_per_image=res["batched_model_i_img_per_s"] / res["per_image_model_i_img_per_s"])
     rate, runs, truth = bench_render(n1, a.device, a.repeat)   # render only, from drawn truth
@@ -158,9 +167,11 @@ def main():
     try:
         import lenstronomy
         res["lenstronomy_version"] = lenstronomy.__version__
-        r, runs = bench_lenstronomy(truth, min(a.n_lenstronomy, n1), min(a.repeat, 2))
-        record(lenstronomy_model_i_img_per_s=r, lenstronomy_runs=runs, speedup_vs_lenstronomy=res["model_i_img_per_s"] / r,
-               batched_over_lenstronomy=res["batched_model_i_img_per_s"] / r)
+        pairs = bench_vs_lenstronomy(a.n, min(a.n_lenstronomy, n1), truth, a.device, max(a.repeat, 3), batch)
+        r = float(np.median([l for _, l in pairs]))
+        record(lenstronomy_model_i_img_per_s=r, lenstronomy_runs=[round(l, 2) for _, l in pairs], speedup_vs_lenstronomy=res["model_i_img_per_s"] / r,
+               batched_over_lenstronomy=float(np.median([o / l for o, l in pairs])),   # the median of the paired ratios
+               batched_over_lenstronomy_runs=[round(o / l, 3) for o, l in pairs], batched_paired_runs=[round(o, 2) for o, _ in pairs])
     except ImportError:
         res.update(lenstronomy_version=None, note="lenstronomy not installed (pip install 'deeplense-nb[bench]'): no comparison")
     record(full_task1_minutes_estimate=37_500 / res["batched_model_i_img_per_s"] / 60, complete=True)

@@ -218,7 +218,7 @@ def cross_validate(data, *, folds: int = 5, out: str | Path = "runs/cv", **train
     return res
 
 # %% ../nbs/11_experiments.ipynb #b9176014
-DEMO_CPU = dict(preset="deeplensesim_recipe", n_train=4500, n_val=750, model="lensnet", epochs=10, batch_size=16, lr=2e-3, sim_batch=256)
+DEMO_CPU = dict(preset="deeplensesim_recipe", n_train=4500, n_val=750, model="lensnet", epochs=10, batch_size=16, lr=2e-3, sim_batch=None)
 DEMO_GPU = dict(preset="model_i", n_train=30000, n_val=7500, model="resnet18", epochs=20, batch_size=128, lr=2e-3, sim_batch=2048)
 
 # %% ../nbs/11_experiments.ipynb #466bd3df

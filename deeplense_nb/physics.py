@@ -6,20 +6,20 @@ Docs: https://ml4sci.github.io/deeplense_nb/physics.html.md"""
 
 # %% ../nbs/01_physics.ipynb #89b595c0
 from __future__ import annotations
-import functools, importlib.util, math, warnings
+import functools, importlib.util, logging, math, warnings
 import torch
 from .core import check_choice
 import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['C_KM_S', 'G_OVER_C2_MPC_MSUN', 'ARCSEC_PER_RAD', 'FUSED_POINT_MASSES', 'FWHM_PER_SIGMA', 'comoving_distance',
-           'angular_diameter_distance', 'angular_diameter_distance_z1z2', 'luminosity_distance', 'theta_E_point_mass',
-           'theta_E_sis', 'theta_E_halo', 'pixel_grid', 'alpha_sis', 'alpha_sie', 'alpha_shear', 'ellipticity_to_q_phi',
-           'q_phi_to_ellipticity', 'alpha_point_masses', 'vortex_positions', 'alpha_vortex', 'alpha_line_mass',
-           'lens_equation', 'convergence_sie', 'convergence_from_alpha', 'magnification', 'sersic_bn', 'sersic',
-           'gaussian_psf', 'convolve', 'poisson_noise', 'gaussian_noise', 'psf_radius', 'gaussian_taps', 'psf_blur',
-           'alpha_sie_shear', 'smooth_lens_image']
+__all__ = ['C_KM_S', 'G_OVER_C2_MPC_MSUN', 'ARCSEC_PER_RAD', 'FUSED_POINT_MASSES', 'COMPILED_POINT_MASSES', 'FWHM_PER_SIGMA',
+           'comoving_distance', 'angular_diameter_distance', 'angular_diameter_distance_z1z2', 'luminosity_distance',
+           'theta_E_point_mass', 'theta_E_sis', 'theta_E_halo', 'pixel_grid', 'alpha_sis', 'alpha_sie', 'alpha_shear',
+           'ellipticity_to_q_phi', 'q_phi_to_ellipticity', 'alpha_point_masses', 'vortex_positions', 'alpha_vortex',
+           'alpha_line_mass', 'lens_equation', 'convergence_sie', 'convergence_from_alpha', 'magnification',
+           'sersic_bn', 'sersic', 'gaussian_psf', 'convolve', 'poisson_noise', 'gaussian_noise', 'psf_radius',
+           'gaussian_taps', 'psf_blur', 'alpha_sie_shear', 'smooth_lens_image']
 
 # %% ../nbs/01_physics.ipynb #49b65118
 C_KM_S = 299792.458            # speed of light, km/s
@@ -149,6 +149,7 @@ def q_phi_to_ellipticity(q, phi) -> tuple[Tensor, Tensor]:
 
 # %% ../nbs/01_physics.ipynb #44fd718d
 FUSED_POINT_MASSES = True   # CUDA float32: sum the point masses in one fused Triton kernel (False: the torch loop, e.g. to compare)
+COMPILED_POINT_MASSES = True   # CPU: sum them in one loop compiled by torch.compile (needs a C++ compiler; False: the torch loop)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None   # looked up once (triton itself is imported on first use)
 
 @functools.cache
@@ -179,21 +180,47 @@ def _point_masses_fused(x: Tensor, y: Tensor, te2: Tensor, xs: Tensor, ys: Tenso
         _point_mass_kernel()[(triton.cdiv(HW, block), len(p[0]))](*args, *p, ax[b:b + 65535], ay[b:b + 65535], HW, N, float(s * s), BLOCK=block)
     return ax.view(B, *x.shape), ay.view(B, *x.shape)
 
-def _fused_failed(e: Exception):
-    "Turn the fused kernel off for this process, saying so once: the torch loop gives the same images, more slowly."
-    global FUSED_POINT_MASSES
+def _point_mass_sum(X: Tensor, Y: Tensor, te2: Tensor, xs: Tensor, ys: Tensor, s2: float) -> tuple[Tensor, Tensor]:
+    "Deflection `(B, P)` of `(B, N)` masses (`te2` = theta_E^2) at `P` pixels `X, Y` as one expression: compiled, one pass over the pixels (eagerly, a `(B, P, N)` tensor)."
+    dx, dy = X[None, :, None] - xs[:, None, :], Y[None, :, None] - ys[:, None, :]
+    w = te2[:, None, :] / (dy * dy + s2 + dx * dx)
+    return (w * dx).sum(-1), (w * dy).sum(-1)
+
+@functools.cache
+def _compiled_point_mass_sum():
+    "`_point_mass_sum` compiled on first use (inductor: C++ on a CPU), one build for any B, N and P."
+    log = logging.getLogger("torch.utils.cpp_extension"); level = log.level
+    log.setLevel(logging.ERROR)   # imported by inductor, it warns on CPU-only machines that have CUDA_HOME set: no concern of a simulation
+    try: import torch.utils.cpp_extension
+    finally: log.setLevel(level)
+    return torch.compile(_point_mass_sum, dynamic=True)
+
+def _point_masses_compiled(x: Tensor, y: Tensor, te2: Tensor, xs: Tensor, ys: Tensor, s: float, block: int | None = None):
+    "`_point_masses_blocked` on a CPU by the compiled sum, `block` images per call (default: about 2^24 pixel-mass pairs)."
+    (B, N), P = te2.shape, x.numel()
+    ax, ay, X, Y = x.new_empty(B, P), x.new_empty(B, P), x.reshape(-1), y.reshape(-1)
+    step = block or max(1, (1 << 24) // (P * N))   # bounded memory, should the compiler ever hand a call back to eager torch
+    for b in range(0, B, step):
+        ax[b:b + step], ay[b:b + step] = _compiled_point_mass_sum()(X, Y, te2[b:b + step], xs[b:b + step], ys[b:b + step], s * s)
+    return ax.view(B, *x.shape), ay.view(B, *x.shape)
+
+def _kernel_failed(flag: str, e: Exception):
+    "Turn a fused point-mass kernel off for this process (`flag`: its switch), saying so once: the torch loop gives the same images up to float rounding, more slowly."
     if isinstance(e, torch.OutOfMemoryError): raise e
-    FUSED_POINT_MASSES = False
-    warnings.warn(f"the fused point-mass kernel failed ({type(e).__name__}: {str(e)[:200]}); using the torch loop from now on (same images, slower)")
+    globals()[flag] = False
+    warnings.warn(f"the {flag.split('_')[0].lower()} point-mass kernel failed ({type(e).__name__}: {str(e)[:200]}); using the torch loop from now on (the same images up to float rounding, slower)")
 
 # %% ../nbs/01_physics.ipynb #98e34691
 def _point_masses_blocked(x: Tensor, y: Tensor, theta_E: Tensor, xs: Tensor, ys: Tensor, s: float, block: int | None):
-    "No-gradient path of `alpha_point_masses` for one `(H, W)` grid and `(B, N)` masses: images in cache-sized blocks on a CPU, all at once (one fused kernel where Triton is installed) on a GPU."
+    "No-gradient path of `alpha_point_masses` for one `(H, W)` grid and `(B, N)` masses: one compiled loop (else images in cache-sized blocks) on a CPU, all at once (one fused kernel where Triton is installed) on a GPU."
     (B, N), (H, W) = theta_E.shape, x.shape
     te2, xs, ys = (theta_E * theta_E).to(x), xs.to(x), ys.to(x)
     if FUSED_POINT_MASSES and _HAS_TRITON and x.is_cuda and x.dtype == torch.float32:
         try: return _point_masses_fused(x, y, te2, xs, ys, s)
-        except (RuntimeError, ImportError, OSError) as e: _fused_failed(e)   # e.g. no C compiler for Triton's launcher
+        except (RuntimeError, ImportError, OSError) as e: _kernel_failed("FUSED_POINT_MASSES", e)   # e.g. no C compiler for Triton's launcher
+    if COMPILED_POINT_MASSES and x.device.type == "cpu":
+        try: return _point_masses_compiled(x, y, te2, xs, ys, s, block)
+        except (RuntimeError, ImportError, OSError) as e: _kernel_failed("COMPILED_POINT_MASSES", e)   # e.g. no C++ compiler
     X, Y = x.reshape(1, -1), y.reshape(1, -1)
     ax, ay = x.new_zeros(B, H * W), x.new_zeros(B, H * W)
     # CPU: about 2^17 pixels per thread per block (one call per mass over several images; measured 2.4x faster than one image)

@@ -18,8 +18,8 @@ from .physics import (psf_radius, alpha_sie_shear, lens_equation, pixel_grid, ps
 
 # %% auto #0
 __all__ = ['PRESETS', 'SimPreset', 'get_preset', 'LensFindingPreset', 'mix64', 'stream_key', 'image_keys', 'uniforms',
-           'poisson_counts', 'sample_truth_batch', 'minmax', 'render_batch', 'resolve_preset', 'simulate_images',
-           'sample_lens_finding_batch', 'render_lens_finding_batch']
+           'poisson_counts', 'sample_truth_batch', 'minmax', 'render_batch', 'resolve_preset', 'sim_batch_size',
+           'simulate_images', 'sample_lens_finding_batch', 'render_lens_finding_batch']
 
 # %% ../nbs/01a_simbatch.ipynb #cf27676a
 @dataclass
@@ -331,19 +331,25 @@ def resolve_preset(preset: str | SimPreset | LensFindingPreset = "model_i") -> S
         return preset if isinstance(preset, LensFindingPreset) else LensFindingPreset()
     return get_preset(preset)
 
+def sim_batch_size(device="cpu", batch_size: int | None = None) -> int:
+    "`batch_size` checked, or by default the images rendered at once on `device`: 32 on a CPU (a batch's arrays stay in the caches), 2048 on a GPU."
+    if batch_size is None: return 32 if get_device(device).type == "cpu" else 2048
+    if batch_size < 1: raise DeepLenseError(f"batch_size={batch_size!r} must be >= 1")
+    return batch_size
+
 # %% ../nbs/01a_simbatch.ipynb #d432fcb4
 @torch.no_grad()
 def simulate_images(n_or_index, # number of images (indices 0..n-1) or the image indices
                     preset: str | SimPreset | LensFindingPreset = "model_i",
                     labels=None, # class indices (default: index % number of classes)
                     *, seed: int = 0, split: str = "train", device="cpu",
-                    batch_size: int = 256, # images rendered at once
+                    batch_size: int | None = None, # images rendered at once (default: `sim_batch_size(device)`)
                     noise: bool = True, normalize: bool = True,
                    ) -> tuple[Tensor, Tensor]:
     "Images `(N, C, H, W)` float32 (in [0, 1] when `normalize`, like the real files) and their labels, on `device`."
     p, index, dev = resolve_preset(preset), _as_index(n_or_index), get_device(device)
     index, labels = _index_labels(p, index, labels)
-    if batch_size < 1: raise DeepLenseError(f"batch_size={batch_size!r} must be >= 1")
+    batch_size = sim_batch_size(dev, batch_size)
     lf = isinstance(p, LensFindingPreset)
     sample, render = (sample_lens_finding_batch, render_lens_finding_batch) if lf else (sample_truth_batch, render_batch)
     out = []

@@ -17,7 +17,7 @@ from .core import CLASSES_T1, Config, DeepLenseError, atomic_write_text, check_c
 from .physics import (pixel_grid, alpha_sie_shear, alpha_point_masses, vortex_positions, lens_equation,
                                   sersic, gaussian_psf, convolve, smooth_lens_image)
 from .simbatch import (PRESETS, LensFindingPreset, SimPreset, get_preset, render_batch, render_lens_finding_batch,
-                                   sample_lens_finding_batch, sample_truth_batch, minmax, _CENTRES, _LENS_GALAXY, _theta_E_pm)
+                                   sample_lens_finding_batch, sample_truth_batch, sim_batch_size, minmax, _CENTRES, _LENS_GALAXY, _theta_E_pm)
 _all_ = ["PRESETS", "SimPreset", "get_preset", "LensFindingPreset", "minmax"]  # re-exported from simbatch
 
 # %% auto #0
@@ -325,10 +325,10 @@ def task1_counts(p: SimPreset, n_train: int, n_val: int) -> dict:
     return {split: dict(zip(p.classes, [n // len(p.classes) + (i < n % len(p.classes)) for i in range(len(p.classes))]))
             for split, n in (("train", n_train), ("val", n_val))}
 
-def task1_batches(p: SimPreset, counts: dict, *, seed: int = 0, device="cpu", batch_size: int = 128, engine: str = "batched",
-                  dtype: str = "float64"): # precision of the min-max scaling and of the images yielded
+def task1_batches(p: SimPreset, counts: dict, *, seed: int = 0, device="cpu", batch_size: int | None = None, # default: `sim_batch_size(device)`
+                  engine: str = "batched", dtype: str = "float64"): # precision of the min-max scaling and of the images yielded
     "Yield `(files, images (b, 1, H, W) in [0, 1] of `dtype`, truth rows)` for every batch of a Task I set, file by file in order."
-    check_choice("engine", engine, ENGINES)
+    check_choice("engine", engine, ENGINES); batch_size = sim_batch_size(device, batch_size)
     for split, per in counts.items():
         for cls, k in per.items():
             for b in range(1, k + 1, batch_size):
@@ -347,7 +347,8 @@ def simulate_task1(out: str | Path, *, n_train: int = 30_000, # images in train/
                    n_val: int = 7_500, # images in val/
                    seed: int = 0, preset: str | SimPreset = "model_i", device="cpu",
                    dtype: str = "float64", # "float64" like the real files, or "float32"
-                   batch_size: int = 128, overwrite: bool = False, progress: bool = True,
+                   batch_size: int | None = None, # images rendered at once (default: `sim_batch_size(device)`)
+                   overwrite: bool = False, progress: bool = True,
                    engine: str = "batched", # "batched" (`simbatch`) or "per-image" (the reference renderer)
                   ) -> dict:
     "Simulate a Task I dataset `out/{train,val}/{no,sphere,vort}/N.npy` + manifest; returns the manifest."
@@ -379,10 +380,10 @@ def _lf_rows(t: dict, p: LensFindingPreset) -> list[dict]:
             if not (_CENTRES[c] in _LENS_GALAXY and k in _LF_GAL_KEYS): r.pop(k)
     return rows
 
-def lens_finding_batches(p: LensFindingPreset, counts: dict, *, seed: int = 0, device="cpu", batch_size: int = 256,
+def lens_finding_batches(p: LensFindingPreset, counts: dict, *, seed: int = 0, device="cpu", batch_size: int | None = None,
                          engine: str = "batched"):
     "Yield `(files, images (b, 3, H, W) float32, truth rows)` for every batch of a Task II set (`counts`: {folder: n})."
-    check_choice("engine", engine, ENGINES)
+    check_choice("engine", engine, ENGINES); batch_size = sim_batch_size(device, batch_size)
     for folder, k in counts.items():
         lens = folder.endswith("_lenses")
         for b in range(1, k + 1, batch_size):
@@ -411,7 +412,7 @@ def simulate_lens_finding(out: str | Path, *, n_train_lenses: int = 1730, n_test
                           seed: int = 0, preset: LensFindingPreset | None = None, device="cpu",
                           overwrite: bool = False, progress: bool = True,
                           engine: str = "batched", # "batched" (`simbatch`) or "per-image" (the reference renderer)
-                          batch_size: int = 256) -> dict:
+                          batch_size: int | None = None) -> dict: # default: `sim_batch_size(device)`
     "Simulate a Task II dataset `out/{train,test}_{lenses,nonlenses}/N.npy` (float32 (3,64,64)) + manifest."
     p = preset or LensFindingPreset(); check_choice("engine", engine, ENGINES)
     n = lens_finding_counts(p, n_train_lenses, n_test_lenses, n_train_nonlenses, n_test_nonlenses)
@@ -427,9 +428,9 @@ def simulate_lens_finding(out: str | Path, *, n_train_lenses: int = 1730, n_test
 
 # %% ../nbs/02_simulate.ipynb #1e6e4a68
 def simulate_diffusion(out: str | Path, *, n: int = 10_000, seed: int = 0, preset: str | SimPreset = "diffusion",
-                       device="cpu", batch_size: int = 128, overwrite: bool = False, progress: bool = True) -> dict:
+                       device="cpu", batch_size: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
     "Simulate a Task IV set `out/Samples/sample{i}.npy` ((1,150,150) float64 in [0,1], classes mixed) + manifest."
-    _check_counts(n=n)
+    _check_counts(n=n); batch_size = sim_batch_size(device, batch_size)
     p = get_preset(preset); rows, t0 = [], time.time()
     with _writing(out, overwrite) as d, tqdm(total=n, desc="simulate diffusion", unit="img", disable=not progress) as bar:
         (d / "Samples").mkdir()
@@ -477,7 +478,7 @@ def _cli_simulate(p):
     p.add_argument("--n", type=int, default=10_000, help="diffusion: number of Samples/sample{i}.npy")
     p.add_argument("--overwrite", action="store_true", help="replace an existing simulated dataset in --out")
     p.add_argument("--engine", default="batched", choices=ENGINES, help="task1/lens-finding: batched (simbatch) or per-image (reference)")
-    p.add_argument("--batch-size", type=int, default=128, help="images rendered at once")
+    p.add_argument("--batch-size", type=int, default=None, help="images rendered at once (default: 32 on a CPU, 2048 on a GPU)")
     def run(a):
         t0 = time.time()
         if a.what == "task1":

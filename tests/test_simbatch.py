@@ -150,3 +150,34 @@ def test_fused_point_masses_on_cuda_match_the_torch_loop(monkeypatch):
     assert P.FUSED_POINT_MASSES, "the fused kernel failed and handed over to the loop (see the warning)"
     monkeypatch.setattr(P, "FUSED_POINT_MASSES", False)
     torch.testing.assert_close(fused, sb.render_batch(t, "model_i", noise=False, normalize=False), rtol=1e-4, atol=1e-3)
+
+NO_COMPILER_CHECK = """
+import warnings, torch
+from deeplense_nb import physics as P, simbatch as sb
+idx = torch.arange(6)
+t = sb.sample_truth_batch("model_i", idx % 3, seed=0, split="train", index=idx)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    got = sb.render_batch(t, "model_i", noise=False, normalize=False)
+    again = sb.render_batch(t, "model_i", noise=False, normalize=False)
+said = [str(w.message) for w in caught if "point-mass kernel failed" in str(w.message)]
+assert not P.COMPILED_POINT_MASSES
+print(len(said), torch.equal(got, again), "C++" in said[0] if said else None)
+"""
+
+def test_no_cpp_compiler_hands_the_point_masses_to_the_loop(tmp_path):
+    "Without a C++ compiler the CPU's compiled point-mass sum fails at its first call: one warning, then the torch loop renders every image."
+    import os, subprocess, sys
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}   # nothing cached to fall back on
+    r = subprocess.run([sys.executable, "-c", NO_COMPILER_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.split() == ["1", "True", "True"], (r.stdout, r.stderr[-3000:])
+
+def test_compiled_point_masses_match_the_torch_loop(monkeypatch):
+    "On a CPU the simulator's expected counts are the same, up to float32 rounding, with the compiled sum and with the torch loop."
+    from deeplense_nb import physics as P
+    idx = torch.arange(48)
+    t = sb.sample_truth_batch("model_i", idx % 3, seed=0, split="train", index=idx)
+    compiled = sb.render_batch(t, "model_i", noise=False, normalize=False)
+    assert P.COMPILED_POINT_MASSES, "the compiled sum failed and handed over to the loop (see the warning)"
+    monkeypatch.setattr(P, "COMPILED_POINT_MASSES", False)
+    torch.testing.assert_close(compiled, sb.render_batch(t, "model_i", noise=False, normalize=False), rtol=1e-5, atol=1e-4)

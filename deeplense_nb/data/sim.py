@@ -59,7 +59,7 @@ def simulate_to_store(out: str | os.PathLike, # store folder to create
                       n_train_lenses: int = 1730, n_test_lenses: int = 195, # lens-finding: lenses in train / test
                       n_train_nonlenses: int | None = None, n_test_nonlenses: int | None = None, # default: the preset's ratios
                       seed: int = 0, preset=None, # a Model I-family preset (task1) or a `LensFindingPreset`
-                      device="cpu", batch_size: int = 128, engine: str = "batched", overwrite: bool = False,
+                      device="cpu", batch_size: int | None = None, engine: str = "batched", overwrite: bool = False,
                       progress: bool = True) -> PackResult:
     "Simulate a Task I or lens-finding set straight into a packed store (read with `PackedDataset`, `open_dataset`, `get_dataloaders`)."
     t0 = time.time(); check_choice("what", what, ("task1", "lens-finding"), error=DataError); check_choice("engine", engine, ENGINES, error=DataError)
@@ -147,7 +147,7 @@ class SimStream:
         start = epoch * self.epoch_size
         for b in range(len(self)):
             idx = torch.arange(start + b * self.batch_size, start + min((b + 1) * self.batch_size, self.epoch_size))
-            yield simulate_images(idx, self.preset, seed=self.seed, split=self.split, device=self.device, batch_size=len(idx))
+            yield simulate_images(idx, self.preset, seed=self.seed, split=self.split, device=self.device)
 
     def __iter__(self):
         if self.fresh: batches, self.epoch = self._batches(self.epoch), self.epoch + 1
