@@ -6,7 +6,7 @@ Docs: https://ml4sci.github.io/deeplense_nb/physics.html.md"""
 
 # %% ../nbs/01_physics.ipynb #89b595c0
 from __future__ import annotations
-import functools, importlib.util, logging, math, warnings
+import functools, importlib.util, logging, math, os, warnings
 import torch
 from .core import check_choice
 import torch.nn.functional as F
@@ -149,7 +149,7 @@ def q_phi_to_ellipticity(q, phi) -> tuple[Tensor, Tensor]:
 
 # %% ../nbs/01_physics.ipynb #44fd718d
 FUSED_POINT_MASSES = True   # CUDA float32: sum the point masses in one fused Triton kernel (False: the torch loop, e.g. to compare)
-COMPILED_POINT_MASSES = True   # CPU: sum them in one loop compiled by torch.compile (needs a C++ compiler; False: the torch loop)
+COMPILED_POINT_MASSES = os.environ.get("DEEPLENSE_COMPILE", "1") != "0"   # CPU: sum them in one loop compiled by torch.compile (needs a C++ compiler; False, or DEEPLENSE_COMPILE=0: the torch loop)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None   # looked up once (triton itself is imported on first use)
 
 @functools.cache

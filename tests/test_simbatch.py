@@ -1,6 +1,6 @@
 """Batched simulator: counter-based randomness (batch-size independence), the per-image simulator's statistics,
 the packed-store output, and training on a stream of fresh simulations."""
-import json
+import json, os, shutil
 import numpy as np
 import pytest
 import torch
@@ -168,10 +168,16 @@ print(len(said), torch.equal(got, again), "C++" in said[0] if said else None)
 def test_no_cpp_compiler_hands_the_point_masses_to_the_loop(tmp_path):
     "Without a C++ compiler the CPU's compiled point-mass sum fails at its first call: one warning, then the torch loop renders every image."
     import os, subprocess, sys
-    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}   # nothing cached to fall back on
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"),   # nothing cached to fall back on
+           "DEEPLENSE_COMPILE": "1"}
     r = subprocess.run([sys.executable, "-c", NO_COMPILER_CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.split() == ["1", "True", "True"], (r.stdout, r.stderr[-3000:])
+    off = subprocess.run([sys.executable, "-c", "from deeplense_nb import physics as P; print(P.COMPILED_POINT_MASSES)"],
+                         env={**env, "DEEPLENSE_COMPILE": "0"}, capture_output=True, text=True, timeout=600)
+    assert off.stdout.split() == ["False"], off.stderr[-3000:]   # the switch for many small runs
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="no C++ compiler: the loop is the only path")
+@pytest.mark.skipif(os.environ.get("DEEPLENSE_COMPILE", "1") == "0", reason="DEEPLENSE_COMPILE=0 turns the compiled sum off")
 def test_compiled_point_masses_match_the_torch_loop(monkeypatch):
     "On a CPU the simulator's expected counts are the same, up to float32 rounding, with the compiled sum and with the torch loop."
     from deeplense_nb import physics as P
