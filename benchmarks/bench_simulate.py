@@ -141,7 +141,10 @@ def main():
         res.update(kw)
         (out / "bench_simulate.json").write_text(json.dumps(res, indent=2) + "\n")
         print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in kw.items() if not k.endswith("runs")), flush=True)
+    t0 = time.perf_counter(); simulate_images(batch, "model_i", seed=0, split="first", device=a.device, batch_size=batch); _sync(a.device)
+    record(first_batch_s=time.perf_counter() - t0)   # this process's first batch: one-off costs included (the CPU's compiled point-mass sum is built here)
     record(**dict(zip(("batched_model_i_img_per_s", "batched_model_i_runs"), bench_batched(a.n, a.device, a.repeat, batch=batch))))
+    record(first_batch_overhead_s=res["first_batch_s"] - batch / res["batched_model_i_img_per_s"])   # what the first batch cost beyond a steady one
     # the same engine with the point masses summed by the torch loop instead of the fast path (CUDA: the fused Triton
     # kernel, CPU: the loop compiled by torch.compile); `*_point_masses` says whether the fast path ran (False: it failed)
     from deeplense_nb import physics
