@@ -6,7 +6,7 @@ Docs: https://ml4sci.github.io/deeplense_nb/cli.html.md"""
 
 # %% ../nbs/10_cli.ipynb #37c4b55f
 from __future__ import annotations
-import argparse, importlib, importlib.util, json, os, sys
+import argparse, importlib, importlib.util, json, os, signal, sys, threading
 
 # %% auto #0
 __all__ = ['COMMANDS', 'subcommand', 'available_commands', 'user_message', 'build_parser', 'main']
@@ -100,6 +100,16 @@ def _command_parser(name: str) -> argparse.ArgumentParser:
     sp.set_defaults(_run=_builder(name)(sp), command=name)
     return sp
 
+# %% ../nbs/10_cli.ipynb #5cf82d17
+_lost_interrupt = threading.Event()   # set while a Ctrl-C that Python dropped is being sent again
+
+def _resend_lost_interrupt(unraisable):
+    "`sys.unraisablehook` during a command: a dropped KeyboardInterrupt is sent again 50 ms later; anything else goes to Python's hook."
+    if not issubclass(unraisable.exc_type, KeyboardInterrupt): return sys.__unraisablehook__(unraisable)
+    _lost_interrupt.set()
+    again = lambda: _lost_interrupt.is_set() and (os.kill(os.getpid(), signal.SIGINT) if os.name == "posix" else signal.raise_signal(signal.SIGINT))
+    t = threading.Timer(0.05, again); t.daemon = True; t.start()
+
 # %% ../nbs/10_cli.ipynb #8ca96383
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `deeplense` console script; returns the exit status."
@@ -112,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         p.print_help(); return 0
     debug = "--debug" in argv[1:] or os.environ.get("DEEPLENSE_DEBUG", "") not in ("", "0")
     a = _command_parser(argv[0]).parse_args([s for s in argv[1:] if s != "--debug"])
+    hook, sys.unraisablehook = sys.unraisablehook, _resend_lost_interrupt   # a Ctrl-C is never lost (above)
     try:
         return int(a._run(a) or 0)
     except KeyboardInterrupt:
+        _lost_interrupt.clear()
         print(f"deeplense {a.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
@@ -124,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         more = " (details: re-run with --debug)" if len(msg) > 1 else ""
         print(f"deeplense {a.command}: error: {msg[0]}{more}", file=sys.stderr)
         return 2
+    finally: sys.unraisablehook = hook; _lost_interrupt.clear()
 
 # %% ../nbs/10_cli.ipynb #638185e5
 if __name__ == "__main__": sys.exit(main())
