@@ -219,7 +219,8 @@ def cross_validate(data, *, folds: int = 5, out: str | Path = "runs/cv", **train
 
 # %% ../nbs/11_experiments.ipynb #b9176014
 DEMO_CPU = dict(preset="deeplensesim_recipe", n_train=4500, n_val=750, model="lensnet", epochs=10, batch_size=16, lr=2e-3, sim_batch=None)
-DEMO_GPU = dict(preset="model_i", n_train=30000, n_val=7500, model="resnet18", epochs=20, batch_size=128, lr=2e-3, sim_batch=2048)
+DEMO_GPU = dict(preset="model_i", n_train=30000, n_val=7500, model="resnet18", epochs=20, batch_size=128, lr=2e-3, sim_batch=None)
+# sim_batch: images simulated at once; None is `simbatch.sim_batch_size`'s default for the device (an override may set it)
 
 # %% ../nbs/11_experiments.ipynb #466bd3df
 def _demo_data_matches(store: Path, cfg: dict, seed: int) -> bool:
