@@ -8,16 +8,19 @@
 #   demo       deeplense demo --device cuda                       simulate 37,500 + train + evaluate (goal <= 90 s), AUC
 #   diffusion  benchmarks/bench_diffusion.py --device cuda        training img/s, DDIM-50 sampling img/s (goals 1,000 / 200),
 #                                                                 with the full-resolution UNet and with --patch 2
+#   fit        benchmarks/bench_fit.py --device cuda             smooth-lens and vortex fits/s with the sim2real settings at fit
+#                                                                 batches 32 and 1024, the CPU beside it, the study's fitting time
 #   sim2real   deeplense run sim2real -p device cuda              opt-in (--steps ...,sim2real): the sim-to-real study with fits and
 #                                                                 training on the GPU, its wall time and results
 #   pytest     pytest -m cuda                                     the CUDA-only tests
-# Writes OUT/gpu_check.json (GPU name, and for every step: status ok|failed|timeout|skipped, exit code, seconds, figures)
-# and OUT/gpu_check.log (every step's output). Without a GPU it runs tiny CPU versions of simulate, train and diffusion,
+# Writes OUT/gpu_check.json (GPU name, and for every step: status ok|failed|timeout|skipped, exit code, seconds, figures),
+# OUT/gpu_check.log (every step's output) and OUT/gpu_check.steps.jsonl (each step's record as soon as it ends: what is
+# left if the whole run is killed). Without a GPU it runs tiny CPU versions of simulate, train and diffusion,
 # skips demo and pytest -m cuda, and says so in the JSON.
 #
 #   bash benchmarks/gpu_check.sh [--out DIR] [--steps A,B] [--dry-run] [--python PY] [--fetch-wheels]
 #     --out DIR   where gpu_check.json and gpu_check.log go (default: $OUT if set, else ./gpu_check_out)
-#     --steps A,B only these steps (simulate,train,demo,diffusion,sim2real,pytest); the others are "skipped" (e.g. a rerun of failed ones)
+#     --steps A,B only these steps (simulate,train,demo,diffusion,fit,sim2real,pytest); the others are "skipped" (e.g. a rerun of failed ones)
 #     --dry-run   list the steps and their commands, write the JSON with every step "planned", run nothing
 #     --python    the interpreter (default: $PYTHON, else python3)
 #     --fetch-wheels  download (here, with network) the wheels the device machine lacks into benchmarks/wheels, then exit
@@ -53,7 +56,7 @@ done
 mkdir -p "$OUTDIR"; OUTDIR="$(cd "$OUTDIR" && pwd)"
 LOG="$OUTDIR/gpu_check.log"; : > "$LOG"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"
-STEPS="$WORK/steps.jsonl"; : > "$STEPS"
+STEPS="$OUTDIR/gpu_check.steps.jsonl"; : > "$STEPS"
 T_START=$(date +%s)
 
 # --- environment: carried wheels, the package from this checkout -------------------------------------------------
@@ -128,9 +131,11 @@ if [ -n "$GPU" ]; then
   step diffusion 130 "" '{**{k: (load("bench_diffusion.json") or {}).get(k) for k in ("gpu", "training", "sampling", "goals")}, "patch2": {k: (load("patch2/bench_diffusion.json") or {}).get(k) for k in ("training", "sampling", "goals")}}' \
     '"$PY"' -u benchmarks/bench_diffusion.py --device cuda --ddpm-steps 0 --train-steps 20 --repeats 1 --out '"$STEPDIR"' '&&' \
     '"$PY"' -u benchmarks/bench_diffusion.py --device cuda --ddpm-steps 0 --train-steps 20 --repeats 1 --patch 2 --out '"$STEPDIR"'/patch2
+  step fit 75 "" '{k: (load("bench_fit.json") or {}).get(k) for k in ("gpu", "smooth_img_per_s", "vortex_img_per_s", "best_batch", "study_fits", "study_fit_s_estimate", "cpu_smooth_img_per_s", "cuda_over_cpu", "complete")}' \
+    '"$PY"' -u benchmarks/bench_fit.py --device cuda --n 512 --batches 32,1024 --vortex-n 256 --cpu-n 8 --out '"$STEPDIR"'
   step sim2real 300 "$( [[ "$ONLY" == *",sim2real,"* ]] || echo "opt-in (about 3-5 minutes): --steps sim2real")" '{k: (load("s2r/metrics.json") or {}).get(k) for k in ("wall_time_s", "best_method", "auc_macro", "shift", "task2")}' \
     '"$PY"' -u -m deeplense_nb.cli run sim2real -p device cuda --out '"$STEPDIR"'/s2r
-  step pytest 60 "$( [ -z "$MISSING" ] || echo "missing python packages: $MISSING")" '{"junit": (d / "junit.xml").is_file()}' \
+  step pytest 50 "$( [ -z "$MISSING" ] || echo "missing python packages: $MISSING")" '{"junit": (d / "junit.xml").is_file()}' \
     '"$PY"' -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors --junitxml '"$STEPDIR"'/junit.xml tests
 else
   NOGPU="no CUDA GPU on this machine"
@@ -141,6 +146,8 @@ else
   step demo 1 "$NOGPU (the CPU demo takes minutes: make demo)" ''
   step diffusion 300 "" '{k: (load("bench_diffusion.json") or {}).get(k) for k in ("training", "sampling", "goals")}' \
     '"$PY"' -u benchmarks/bench_diffusion.py --device cpu --size 16 --base-width 8 --timesteps 10 --ddpm-steps 0 --ddim-steps 3 --batch 4 --train-batch 4 --train-steps 2 --repeats 1 --out '"$STEPDIR"'
+  step fit 300 "" '{k: (load("bench_fit.json") or {}).get(k) for k in ("smooth_img_per_s", "vortex_img_per_s", "study_fit_s_estimate")}' \
+    '"$PY"' -u benchmarks/bench_fit.py --device cpu --n 2 --vortex-n 1 --out '"$STEPDIR"'
   step sim2real 1 "$NOGPU (on a CPU: deeplense run sim2real)" ''
   step pytest 1 "$NOGPU (pytest -m cuda needs one)" ''
 fi
@@ -160,7 +167,7 @@ res = {"gpu": e["GPU"] or None, "cuda": bool(e["GPU"]), "torch": tv, "python": p
        "bootstrap": e["BOOT"], "missing_packages": e["MISSING"].split(), "total_seconds": int(e["TOTAL"]),
        "skipped": {s["name"]: s["skipped_because"] for s in steps if s["status"] == "skipped"},
        "note": "dry run: the steps are listed, nothing ran" if e["DRY"] == "1" else None if e["GPU"] else
-               f"{e['NOGPU']}: tiny CPU versions of simulate/train/diffusion ran; no GPU figures",
+               f"{e['NOGPU']}: tiny CPU versions of simulate/train/diffusion/fit ran; no GPU figures",
        "all_ok": all(s["status"] in ("ok", "skipped", "planned") for s in steps), "steps": {s["name"]: s for s in steps}}
 open(e["OUTF"], "w").write(json.dumps(res, indent=2) + "\n")
 print(f"gpu_check: wrote {e['OUTF']} ({len(steps)} steps, {res['total_seconds']} s, all ok: {res['all_ok']})")

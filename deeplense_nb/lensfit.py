@@ -16,7 +16,7 @@ from scipy.stats import kstest
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
-from .core import CLASSES_T1, DeepLenseError, get_device
+from .core import CLASSES_T1, DeepLenseError, device_batch, get_device
 from .physics import alpha_line_mass, ellipticity_to_q_phi, pixel_grid, q_phi_to_ellipticity, smooth_lens_image, theta_E_halo
 from .simulate import count_scale
 
@@ -62,8 +62,9 @@ def _adam_fit(P: dict, C, x, y, pixel_scale, steps, lr, gain=1.0):
 
 # %% ../nbs/02a_lensfit.ipynb #eb3addf5
 def _starts(B: int, g: torch.Generator) -> dict:
-    "Random starting points of `B` fits in the fit's unconstrained parameters."
-    U = lambda lo, hi: lo + (hi - lo) * torch.rand(B, generator=g)
+    "Random starting points of `B` fits in the fit's unconstrained parameters; fit `b` gets row `b` of one `(B, 11)` draw, whatever `B`."
+    u = iter(torch.rand(B, 11, generator=g).unbind(1))
+    U = lambda lo, hi: lo + (hi - lo) * next(u)   # the next column, in the order of the dict below
     return dict(logtE=torch.log(U(1.0, 1.5)), le1=U(-0.2, 0.2), le2=U(-0.2, 0.2), x0=torch.zeros(B), y0=torch.zeros(B),
                 g1=U(-0.02, 0.02), g2=U(-0.02, 0.02), sx=U(-0.5, 0.5), sy=U(-0.5, 0.5), logRe=torch.log(U(0.1, 0.4)),
                 logn=torch.log(U(0.7, 2.0)), se1=U(-0.1, 0.1), se2=U(-0.1, 0.1), logamp=torch.full((B,), math.log(300.0)),
@@ -94,11 +95,11 @@ def _counts(a, pixel_scale, crop, dev):
     C = torch.stack([torch.round(im * n) if n == n else im for im, n in zip(a, N)]).float()[:, win[0], win[1]].to(dev)
     return (C, *(t[win] for t in pixel_grid(a.shape[-1], pixel_scale, device=dev)))
 
-def _fit_chunk(a, g, pixel_scale, starts, steps, refine, crop, lr, dev, bin_search=1):
-    "Fit one chunk of images on device `dev`: every start for `steps` (on `bin_search`-binned pixels), then the best start per image for `refine` more."
+def _fit_chunk(a, P0, pixel_scale, steps, refine, crop, lr, dev, bin_search=1):
+    "Fit one chunk of images from the starts `P0` (image `i`'s are rows `i S .. i S + S - 1`) on device `dev`: every start for `steps` (on `bin_search`-binned pixels), then the best start per image for `refine` more."
     C, x, y = _counts(a, pixel_scale, crop, dev)
-    nI, S = len(C), starts
-    P0 = {k: v.to(dev) for k, v in _starts(nI * S, g).items()}   # drawn on the CPU: the same starts on every device
+    nI = len(C); S = len(P0["x0"]) // nI
+    P0 = {k: v.to(dev) for k, v in P0.items()}   # drawn on the CPU: the same starts on every device
     Cb, xb, yb = _binned(C, x, y, bin_search)   # the search on binned pixels: bin_search^2 times fewer
     P, m, D = _adam_fit(P0, Cb.repeat_interleave(S, 0), xb, yb, bin_search * pixel_scale, steps, lr, gain=bin_search ** 2)
     best = D.view(nI, S).argmin(1) + torch.arange(nI, device=dev) * S
@@ -106,9 +107,10 @@ def _fit_chunk(a, g, pixel_scale, starts, steps, refine, crop, lr, dev, bin_sear
     P, D = {k: v.cpu() for k, v in P.items()}, D.cpu()   # one copy back per chunk
     return [_physical(P, D, b) for b in range(nI)], C.cpu().numpy(), m.cpu().numpy()
 
-def _fit_all(a, g, batch, **kw):
-    "`_fit_chunk` over chunks of `batch` images: the fits, counts and model images of all of them."
-    parts = [_fit_chunk(a[i:i + batch], g, **kw) for i in range(0, len(a), batch)]
+def _fit_all(a, g, batch, starts, **kw):
+    "`_fit_chunk` over chunks of `batch` images, `starts` starts each drawn at once from `g`: the fits, counts and model images of all of them."
+    P0, S = _starts(len(a) * starts, g), starts   # image i's starts do not depend on the batch
+    parts = [_fit_chunk(a[i:i + batch], {k: v[i * S:(i + batch) * S] for k, v in P0.items()}, **kw) for i in range(0, len(a), batch)]
     return [f for p in parts for f in p[0]], np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
 
 # %% ../nbs/02a_lensfit.ipynb #eb3effa3
@@ -120,7 +122,7 @@ def fit_smooth_lens(images, # (B, 1, H, W) or (B, H, W) min-max images of normal
                     crop: int = 15, # pixels dropped on each side (speed)
                     lr: float = 0.02, seed: int = 0,
                     return_model: bool = False, # also return the fitted counts and model images (B, H - 2 crop, W - 2 crop)
-                    batch: int = 32, # images fitted together (memory: batch x starts models with their gradients)
+                    batch: int | None = None, # images fitted together (default 32 on a CPU, 1024 on a GPU; memory: batch x starts models with their gradients)
                     device: str | torch.device = "cpu", # where to fit: "cpu", "cuda[:N]", "mps" or "auto"
                     retry_above: float | None = 2.0, # search again, with twice the starts, where the deviance per pixel stays above this
                     bin_search: int = 2, # search on bin_search x bin_search binned pixels (about bin_search^2 times cheaper), refine on all
@@ -129,8 +131,9 @@ def fit_smooth_lens(images, # (B, 1, H, W) or (B, H, W) min-max images of normal
     a = torch.as_tensor(np.asarray(images), dtype=torch.float64)
     a = a[:, 0] if a.dim() == 4 else a
     if a.dim() != 3: raise DeepLenseError(f"fit_smooth_lens wants (B, H, W) or (B, 1, H, W) images, got shape {tuple(a.shape)}")
-    if batch < 1 or bin_search < 1: raise DeepLenseError(f"fit_smooth_lens needs batch >= 1 and bin_search >= 1, got {batch} and {bin_search}")
-    g, dev = torch.Generator().manual_seed(seed), get_device(device)   # one random stream over the chunks: deterministic for a given (seed, batch)
+    if bin_search < 1: raise DeepLenseError(f"fit_smooth_lens needs bin_search >= 1, got {bin_search}")
+    g, dev = torch.Generator().manual_seed(seed), get_device(device)   # one random stream: a fit depends on the seed and the image's place, not on the batch
+    batch = device_batch(dev, batch, cpu=32, gpu=1024, name="batch")
     fit = lambda im, s: _fit_all(im, g, batch, pixel_scale=pixel_scale, starts=s, steps=steps, refine=refine, crop=crop, lr=lr, dev=dev, bin_search=bin_search)
     out, C, M = fit(a, starts)
     bad = [] if retry_above is None else [i for i, f in enumerate(out) if f["deviance_per_pixel"] > retry_above]
@@ -262,11 +265,12 @@ def fit_vortex(images, # (B, 1, H, W) or (B, H, W) min-max images of normalised 
                z_l: float = 0.5, z_s: float = 1.0, # redshifts: the mass from the Einstein radius (DeepLenseSim's convention)
                angles: int = 4, lengths: tuple = (0.3, 1.0, 3.0), # starts: angles x lengths (arcsec)
                mass: float = 3e10, # starting vortex mass, solar masses
-               steps: int = 250, refine: int = 150, lr: float = 0.02, batch: int = 16, device="cpu",
+               steps: int = 250, refine: int = 150, lr: float = 0.02, device="cpu",
+               batch: int | None = None, # images fitted together (default 16 on a CPU, 512 on a GPU)
               ) -> pd.DataFrame:
     "Fit a vortex (a uniform line mass, `physics.alpha_line_mass`) together with each image's smooth lens: its mass (solar masses), length, angle, centre, and the deviance with and without it."
     a = torch.as_tensor(np.asarray(images), dtype=torch.float64); a = a[:, 0] if a.dim() == 4 else a
-    fits, dev = _fit_records(fits), get_device(device)
+    fits, dev = _fit_records(fits), get_device(device); batch = device_batch(dev, batch, cpu=16, gpu=512, name="batch")
     if a.dim() != 3 or len(fits) != len(a): raise DeepLenseError(f"fit_vortex wants (B, H, W) images and one smooth fit each; got shape {tuple(a.shape)} and {len(fits)} fits")
     te1 = float(theta_E_halo(torch.tensor(1.0, dtype=torch.float64), z_l, z_s))   # Einstein radius of one solar mass, arcsec
     grid = [(math.pi * i / angles, L) for i in range(angles) for L in lengths]

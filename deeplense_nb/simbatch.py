@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from .core import CLASSES_T1, Config, DeepLenseError, get_device
+from .core import CLASSES_T1, Config, DeepLenseError, device_batch, get_device
 from .physics import (psf_radius, alpha_sie_shear, lens_equation, pixel_grid, psf_blur, sersic,
                                   smooth_lens_image, theta_E_halo, vortex_positions, alpha_point_masses)
 
@@ -333,9 +333,7 @@ def resolve_preset(preset: str | SimPreset | LensFindingPreset = "model_i") -> S
 
 def sim_batch_size(device="cpu", batch_size: int | None = None) -> int:
     "`batch_size` checked, or by default the images rendered at once on `device`: 32 on a CPU (a batch's arrays stay in the caches), 2048 on a GPU."
-    if batch_size is None: return 32 if get_device(device).type == "cpu" else 2048
-    if batch_size < 1: raise DeepLenseError(f"batch_size={batch_size!r} must be >= 1")
-    return batch_size
+    return device_batch(device, batch_size, cpu=32, gpu=2048)
 
 # %% ../nbs/01a_simbatch.ipynb #d432fcb4
 @torch.no_grad()

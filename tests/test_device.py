@@ -87,7 +87,7 @@ def test_gpu_check_dry_run(tmp_path):
     r = _gpu_check(tmp_path, "--dry-run", timeout=300)
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert res["dry_run"] is True and set(res["steps"]) == {"simulate", "train", "demo", "diffusion", "sim2real", "pytest"}
+    assert res["dry_run"] is True and set(res["steps"]) == {"simulate", "train", "demo", "diffusion", "fit", "sim2real", "pytest"}
     assert all(s["status"] == "planned" for s in res["steps"].values())
     assert "== train" in r.stdout
 
@@ -97,8 +97,10 @@ def test_gpu_check_steps_selects(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "gpu_check.json").read_text())
     assert res["steps"]["simulate"]["status"] == "ok" and res["steps"]["simulate"]["figures"]["complete"] is True
-    assert set(res["skipped"]) == {"train", "demo", "diffusion", "sim2real", "pytest"}
+    assert set(res["skipped"]) == {"train", "demo", "diffusion", "fit", "sim2real", "pytest"}
     assert res["skipped"]["train"] == "not in --steps simulate"
+    steps = [json.loads(l) for l in (tmp_path / "gpu_check.steps.jsonl").read_text().splitlines()]   # each step's record as it ends
+    assert [s["name"] for s in steps] == list(res["steps"]) and steps[0] == res["steps"]["simulate"]
 
 
 @pytest.mark.slow
@@ -108,5 +110,6 @@ def test_gpu_check_runs_without_a_gpu(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads((tmp_path / "gpu_check.json").read_text())
     assert res["gpu"] is None and set(res["skipped"]) == {"demo", "sim2real", "pytest"}
-    assert {k: s["status"] for k, s in res["steps"].items() if k not in res["skipped"]} == {"simulate": "ok", "train": "ok", "diffusion": "ok"}
+    assert {k: s["status"] for k, s in res["steps"].items() if k not in res["skipped"]} == {"simulate": "ok", "train": "ok", "diffusion": "ok", "fit": "ok"}
     assert res["steps"]["train"]["figures"]["speedup_resident_vs_plain"] > 0
+    assert res["steps"]["fit"]["figures"]["smooth_img_per_s"]["32"] > 0 and res["steps"]["fit"]["figures"]["study_fit_s_estimate"] > 0
