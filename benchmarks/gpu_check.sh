@@ -131,11 +131,11 @@ if [ -n "$GPU" ]; then
   step diffusion 130 "" '{**{k: (load("bench_diffusion.json") or {}).get(k) for k in ("gpu", "training", "sampling", "goals")}, "patch2": {k: (load("patch2/bench_diffusion.json") or {}).get(k) for k in ("training", "sampling", "goals")}}' \
     '"$PY"' -u benchmarks/bench_diffusion.py --device cuda --ddpm-steps 0 --train-steps 20 --repeats 1 --out '"$STEPDIR"' '&&' \
     '"$PY"' -u benchmarks/bench_diffusion.py --device cuda --ddpm-steps 0 --train-steps 20 --repeats 1 --patch 2 --out '"$STEPDIR"'/patch2
-  step fit 75 "" '{k: (load("bench_fit.json") or {}).get(k) for k in ("gpu", "smooth_img_per_s", "vortex_img_per_s", "best_batch", "study_fits", "study_fit_s_estimate", "cpu_smooth_img_per_s", "cuda_over_cpu", "complete")}' \
+  step fit 70 "" '{k: (load("bench_fit.json") or {}).get(k) for k in ("gpu", "smooth_img_per_s", "vortex_img_per_s", "best_batch", "study_fits", "study_fit_s_estimate", "cpu_smooth_img_per_s", "cuda_over_cpu", "complete")}' \
     '"$PY"' -u benchmarks/bench_fit.py --device cuda --n 512 --batches 32,1024 --vortex-n 256 --cpu-n 8 --out '"$STEPDIR"'
   step sim2real 300 "$( [[ "$ONLY" == *",sim2real,"* ]] || echo "opt-in (about 3-5 minutes): --steps sim2real")" '{k: (load("s2r/metrics.json") or {}).get(k) for k in ("wall_time_s", "best_method", "auc_macro", "shift", "task2")}' \
     '"$PY"' -u -m deeplense_nb.cli run sim2real -p device cuda --out '"$STEPDIR"'/s2r
-  step pytest 50 "$( [ -z "$MISSING" ] || echo "missing python packages: $MISSING")" '{"junit": (d / "junit.xml").is_file()}' \
+  step pytest 60 "$( [ -z "$MISSING" ] || echo "missing python packages: $MISSING")" '{"junit": (d / "junit.xml").is_file()}' \
     '"$PY"' -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors --junitxml '"$STEPDIR"'/junit.xml tests
 else
   NOGPU="no CUDA GPU on this machine"
