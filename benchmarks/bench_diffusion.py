@@ -9,7 +9,7 @@ width 16) so that `make bench` stays short. Every setting can be overridden. Wri
 
     python benchmarks/bench_diffusion.py --out bench_results [--device cuda] [--compile] [--size 150] [--ddpm-steps 0]
 """
-import argparse, json, platform, time
+import argparse, copy, json, platform, time
 from pathlib import Path
 import torch
 from deeplense_nb.core import get_device
@@ -30,6 +30,14 @@ def time_sampling(gd, dev, *, n, sampler, steps, amp, repeats, channels_last=Non
         sync(dev); best = min(best, time.perf_counter() - t0)
     return {"sampler": sampler, "steps": steps, "images": n, "seconds": best, "ms_per_step": 1e3 * best / steps,
             "images_per_s": n / best, "channels_last": channels_last, "compile": compile}
+
+
+def forward_gflop(unet, in_chans, size) -> float:
+    "GFLOP (2 per multiply-add) of one UNet forward pass on one image, counted by torch's FlopCounterMode on the CPU."
+    from torch.utils.flop_counter import FlopCounterMode
+    net = copy.deepcopy(unet).float().cpu().eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc: net(torch.zeros(1, in_chans, size, size), torch.zeros(1))
+    return fc.get_total_flops() / 1e9
 
 
 def time_training(gd, dev, *, batch, size, steps, amp, channels_last=False, compile=False) -> dict:
@@ -93,15 +101,20 @@ def main(argv=None) -> dict:
     ddim = time_sampling(gd, dev, n=batch, sampler="ddim", steps=k, amp=amp, repeats=a.repeats, channels_last=cl, compile=a.compile)
     ddim_same = time_sampling(gd, dev, n=pbatch, sampler="ddim", steps=k, amp=amp, repeats=a.repeats, channels_last=cl) if N else None
     ddpm = time_sampling(gd, dev, n=pbatch, sampler="ddpm", steps=N, amp=amp, repeats=a.repeats, channels_last=cl) if N else None
+    gf = forward_gflop(gd.unet, gd.in_chans, size)   # the compute each figure implies: TFLOP/s = forwards/s x GFLOP / 1e3
+    train["tflops"] = 3 * gf * train["images_per_s"] / 1e3          # backward ~ 2 forwards
+    for r in (ddim, ddim_same, ddpm):
+        if r: r["tflops"] = gf * r["steps"] * r["images_per_s"] / 1e3   # one forward per step (unguided)
     res = {"benchmark": "diffusion", "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if cuda else None,
            "torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
            "model": {"unet": cfg.to_dict(), "image_size": size, "timesteps": T,
-                     "params_M": sum(q.numel() for q in gd.parameters()) / 1e6},
+                     "params_M": sum(q.numel() for q in gd.parameters()) / 1e6, "gflop_per_forward": gf},
            "sampling": {"ddim": ddim, "ddpm": ddpm, "ddim_at_ddpm_batch": ddim_same,
                         "time_ratio_ddpm_over_ddim": ddpm["seconds"] / ddim_same["seconds"] if N else None,
                         "step_ratio": N / k if N else None},
            "training": train,
            "goals": {"training_images_per_s_min": 1000, "ddim50_images_per_s_min": 200, "on": "one H100 (CUDA figures only)",
+                     "tflops_needed": {"training": 3 * gf * 1000 / 1e3, "ddim50": gf * 50 * 200 / 1e3},   # at this model and size
                      "training_met": train["images_per_s"] >= 1000 if cuda else None,
                      "ddim_met": (ddim["images_per_s"] >= 200 and k == 50) if cuda else None}}
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
