@@ -28,8 +28,8 @@ $(VENV)/.synced: uv.lock pyproject.toml | uv
 
 sync: $(VENV)/.synced  ## create/update .venv from uv.lock
 
-demo: $(VENV)/.synced  ## set up, simulate a Task I set, train, evaluate, write a report (DEVICE=cuda scales it up)
-	$(BIN)/deeplense demo --out $(DEMO_OUT) --device $(DEVICE)
+demo: $(VENV)/.synced  ## set up, simulate a Task I set, train, evaluate, write a report (DEVICE=cuda scales it up; OVERWRITE=1 to run again into DEMO_OUT)
+	$(BIN)/deeplense demo --out $(DEMO_OUT) --device $(DEVICE) $(if $(OVERWRITE),--overwrite)
 
 test: $(VENV)/.synced  ## the CI gate: library in sync with notebooks, docs preprocessing, notebook tests, pytest
 	@echo ">> 1/5 nbdev-clean + nbdev-export must not change nbs/ or deeplense_nb/"

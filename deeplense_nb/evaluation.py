@@ -566,6 +566,17 @@ def compare_runs(runs: Sequence[str | Path], # run or report folders (each with 
     _choice("sort_by", sort_by, list(df.columns))
     return df.sort_values(sort_by, ascending=False, na_position="last", kind="stable").reset_index(drop=True)
 
+# %% ../nbs/07_evaluation.ipynb #996902c7
+def _check_report_out(out: str | Path, overwrite: bool = False) -> Path:
+    "Refuse an `--out` that is a file or a training run (it holds checkpoints), or, without `overwrite`, one that holds a report."
+    out = Path(out)
+    if out.exists() and not out.is_dir(): raise EvaluationError(f"--out {str(out)!r} is a file, not a folder for the report.")
+    if out.is_dir() and any(out.glob("*.ckpt")):
+        raise EvaluationError(f"--out {str(out)!r} is a training run (it holds checkpoints) whose metrics.json the report would replace; write the report elsewhere, e.g. {str(out / 'eval')!r}.")
+    if not overwrite and any((out / n).exists() for n in ("metrics.json", "report.md")):
+        raise EvaluationError(f"--out {str(out)!r} already holds a report (metrics.json); choose another --out or pass --overwrite.")
+    return out
+
 # %% ../nbs/07_evaluation.ipynb #7184e5a7
 def _cli_evaluate(p: argparse.ArgumentParser):
     p.add_argument("--checkpoint", action="append", required=True, metavar="CKPT",
@@ -583,8 +594,10 @@ def _cli_evaluate(p: argparse.ArgumentParser):
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the AUC interval (0: skip)")
     p.add_argument("--history", default=None, help="training history csv/json for history.png "
                    "(default: the run folder's history.csv when one run folder is given)")
-    p.add_argument("--out", required=True, help="output folder for metrics.json, the PNGs and report.md")
+    p.add_argument("--out", required=True, help="output folder for metrics.json, the PNGs and report.md (not a training run's folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace the report already in --out")
     def run(a):
+        _check_report_out(a.out, a.overwrite)   # before any work: nothing is replaced unless asked
         thr = a.threshold
         if thr != "youden":
             try: thr = float(thr)

@@ -60,7 +60,9 @@ def parse_value(v: str):
 
 def notebook_parameters(path: str | Path) -> dict:
     "Names and default values of the `parameters` cell of a notebook."
-    nb = nbformat.read(str(path), as_version=4)
+    try: nb = nbformat.read(str(path), as_version=4)
+    except (OSError, ValueError) as e:   # not JSON, not a notebook, unreadable
+        raise DeepLenseError(f"{path} is not a readable notebook ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     if not cells: raise DeepLenseError(f"{path} has no cell tagged 'parameters'")
     ns: dict = {}
@@ -73,6 +75,14 @@ def _typed(nb: str, key: str, value, default):
     if default is None or value is None or isinstance(value, type(default)): return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool): return float(value)
     raise DeepLenseError(f"{nb}: parameter {key}={value!r} should be of type {type(default).__name__}, like its default {default!r}.")
+
+# %% ../nbs/11_experiments.ipynb #0f9caa5d
+def _check_kernel(name: str) -> None:
+    "Raise a one-line `DeepLenseError` when no Jupyter kernel `name` is installed (checked before an output folder is made)."
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+    ksm = KernelSpecManager()
+    try: ksm.get_kernel_spec(name)
+    except NoSuchKernel: raise DeepLenseError(f"--kernel {name!r}: no such Jupyter kernel; installed: {', '.join(sorted(ksm.find_kernel_specs())) or 'none'}") from None
 
 # %% ../nbs/11_experiments.ipynb #f3065899
 def run_experiment(name: str, # one of EXPERIMENTS (or a path to a notebook with a parameters cell)
@@ -92,12 +102,14 @@ def run_experiment(name: str, # one of EXPERIMENTS (or a path to a notebook with
     if out.exists() and not out.is_dir(): raise DeepLenseError(f"--out {out} is a file, not a folder.")
     if (out / "metrics.json").exists() and not overwrite:
         raise DeepLenseError(f"{out} already holds a finished run (metrics.json); choose another --out or pass --overwrite.")
+    _check_kernel(kernel)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)   # --overwrite: a run stopped half-way must not look finished with the old metrics
     params["out_dir"] = str(out)
     executed = out / src.name
     t0 = time.time()
     try:
-        pm.execute_notebook(str(src), str(executed), parameters=params, kernel_name=kernel, cwd=str(out),
+        pm.execute_notebook(str(src), str(executed), parameters=params, kernel_name=kernel, language="python", cwd=str(out),
                             progress_bar=progress, log_output=log_output)
     except pm.PapermillExecutionError as e:
         raise ExperimentFailed(f"{src.name} failed in cell {e.exec_count} ({e.ename}: {e.evalue}); "
@@ -230,11 +242,21 @@ def _demo_data_matches(store: Path, cfg: dict, seed: int) -> bool:
     return bool(man) and man["preset"] == json.loads(get_preset(cfg["preset"]).to_json()) and man["seed"] == seed and \
         [sum(man["counts"][s].values()) for s in ("train", "val")] == [cfg["n_train"], cfg["n_val"]]
 
-def run_demo(out: str | Path = "demo_out", *, device: str = "auto", seed: int = 0, **overrides) -> dict:
+def _check_demo_out(out: Path, data: Path, cfg: dict, seed: int, overwrite: bool) -> None:
+    "Refuse, before any work and unless `overwrite`, an `out` holding a demo's run or report, or a store of other settings."
+    done = [str(p.relative_to(out)) for p in (out / "train" / "metrics.json", out / "report" / "metrics.json", *sorted(out.glob("train/*.ckpt"))) if p.exists()]
+    if done and not overwrite:
+        raise DeepLenseError(f"{out} already holds a demo ({done[0]}); choose another --out or pass --overwrite (a store of the same settings is reused).")
+    if data.exists() and not overwrite and not _demo_data_matches(data, cfg, seed):
+        raise DeepLenseError(f"{data} is not a store of these demo settings; choose another --out or pass --overwrite to replace it.")
+
+def run_demo(out: str | Path = "demo_out", *, device: str = "auto", seed: int = 0,
+             overwrite: bool = False, # replace the run, report and (when its settings differ) the store already in `out`
+             **overrides) -> dict:
     "Simulate -> train -> evaluate -> report, printing each step; returns the evaluation metrics."
     dev = get_device(device)
     cfg = {**(DEMO_GPU if dev.type == "cuda" else DEMO_CPU), **overrides}
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out); _check_demo_out(out, out / "data.store", cfg, seed, overwrite); out.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
     say = lambda s: print(f"[demo {time.time() - t_all:6.0f}s] {s}", flush=True)
     info = env_info(dev)
@@ -250,7 +272,7 @@ def run_demo(out: str | Path = "demo_out", *, device: str = "auto", seed: int = 
     t0 = time.time()
     tm = train_classifier(data, task="substructure", model=cfg["model"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
                           lr=cfg["lr"], out=out / "train", device=dev, seed=seed,
-                          overwrite=True)  # the demo folder is scratch: each `make demo` trains afresh (the data are reused)
+                          overwrite=True)  # checked above: only what the caller asked to replace, or a start that never finished
     train_time = time.time() - t0
     say(f"2/3 trained {cfg['model']} for {cfg['epochs']} epochs in {train_time:.0f}s (best epoch {tm['best_epoch']}, val AUC {tm['roc_auc']:.4f})")
     rep = evaluate(out / "train" / "best.ckpt", data, split="val", device=dev, history=out / "train",
@@ -269,9 +291,11 @@ def _cli_demo(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
     p.add_argument("--n-train", type=int, default=None, help="override the number of simulated training images")
+    p.add_argument("--n-val", type=int, default=None, help="override the number of simulated validation images")
+    p.add_argument("--overwrite", action="store_true", help="replace the run and report already in --out (a store of the same settings is reused)")
     p.add_argument("--preset", default=None, help="simulator preset (CPU default deeplensesim_recipe, GPU default model_i)")
     def run(a):
-        kw = {k: v for k, v in (("epochs", a.epochs), ("n_train", a.n_train), ("preset", a.preset)) if v is not None}
-        run_demo(a.out, device=a.device, seed=a.seed, **kw)
+        kw = {k: v for k, v in (("epochs", a.epochs), ("n_train", a.n_train), ("n_val", a.n_val), ("preset", a.preset)) if v is not None}
+        run_demo(a.out, device=a.device, seed=a.seed, overwrite=a.overwrite, **kw)
         return 0
     return run

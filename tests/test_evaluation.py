@@ -313,6 +313,15 @@ def test_cli_evaluate_a_run(task1_run, tmp_path, cli):
     with contextlib.redirect_stderr(err):
         rc = main(["evaluate", "--checkpoint", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "x")])
     assert rc == 2 and err.getvalue().count("\n") == 1 and "does not exist" in err.getvalue(), err.getvalue()
+    # nothing is replaced unless asked: an existing report needs --overwrite; a training run's folder is refused
+    before = {f: f.read_bytes() for f in (*(tmp_path / "rep").iterdir(), *run.iterdir()) if f.is_file()}
+    for out, extra, what in ((tmp_path / "rep", (), "already holds a report"), (run, ("--overwrite",), "is a training run")):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = main(["evaluate", "--checkpoint", str(run), "--data", str(data), "--out", str(out), "--n-boot", "0", *extra])
+        assert rc == 2 and err.getvalue().count("\n") == 1 and what in err.getvalue(), err.getvalue()
+    assert before == {f: f.read_bytes() for f in (*(tmp_path / "rep").iterdir(), *run.iterdir()) if f.is_file()}
+    assert main(["evaluate", "--checkpoint", str(run), "--data", str(data), "--out", str(tmp_path / "rep"), "--n-boot", "0", "--overwrite"]) == 0
 
 
 def test_ensemble_of_checkpoints_on_a_folder(task1_run):

@@ -39,7 +39,24 @@ def test_run_failure_keeps_notebook(cli, tmp_path):
     assert r.returncode != 0 and "failed in cell" in r.stderr
     assert (tmp_path / "f" / "task1.ipynb").exists()
 
+def test_run_overwrite_and_bad_notebooks(cli, tmp_path):
+    "--overwrite removes the old metrics.json first (a stopped rerun never looks finished); an unreadable notebook, a missing kernel: one line, no folder."
+    import nbformat
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("out_dir = '.'\nfail = False", metadata={"tags": ["parameters"]}),
+                                         nbformat.v4.new_code_cell("import json, pathlib\nassert not fail\npathlib.Path(out_dir, 'metrics.json').write_text(json.dumps({'auc': 0.5}))")])
+    nbformat.write(nb, tmp_path / "tiny.ipynb")   # no kernelspec in its metadata: the run supplies the language
+    assert cli("run", tmp_path / "tiny.ipynb", "--out", tmp_path / "r").returncode == 0 and (tmp_path / "r" / "metrics.json").exists()
+    r = cli("run", tmp_path / "tiny.ipynb", "--out", tmp_path / "r", "--overwrite", "-p", "fail", "True", check=False)
+    assert r.returncode == 2 and "failed in cell" in r.stderr and not (tmp_path / "r" / "metrics.json").exists(), r.stderr
+    (tmp_path / "broken.ipynb").write_text("{not json")
+    r = cli("run", tmp_path / "broken.ipynb", "--out", tmp_path / "b", check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "broken.ipynb is not a readable notebook" in r.stderr, r.stderr
+    r = cli("run", tmp_path / "tiny.ipynb", "--out", tmp_path / "k", "--kernel", "nokernel", check=False)
+    assert r.returncode == 2 and "no such Jupyter kernel" in r.stderr and not (tmp_path / "k").exists(), r.stderr
+
 def test_demo_simulates_into_a_store_and_reuses_it(tmp_path, capsys):
+    import shutil
+    from deeplense_nb.core import DeepLenseError
     from deeplense_nb.data import DataError, PackedDataset
     from deeplense_nb.experiments import run_demo
     tiny = dict(n_train=30, n_val=15, epochs=1)
@@ -48,11 +65,18 @@ def test_demo_simulates_into_a_store_and_reuses_it(tmp_path, capsys):
     man = PackedDataset(tmp_path / "d" / "data.store").manifest
     assert [sum(man["counts"][s].values()) for s in ("train", "val")] == [30, 15]
     assert "1/3 simulated" in capsys.readouterr().out
-    run_demo(tmp_path / "d", device="cpu", **tiny)
+    before = {f: f.read_bytes() for f in (tmp_path / "d").rglob("*") if f.is_file()}
+    for kw in (tiny, {**tiny, "n_train": 36}):   # a finished demo is never replaced unless asked
+        with pytest.raises(DeepLenseError, match="already holds a demo"): run_demo(tmp_path / "d", device="cpu", **kw)
+    assert before == {f: f.read_bytes() for f in (tmp_path / "d").rglob("*") if f.is_file()}
+    (tmp_path / "o" / "data.store").parent.mkdir(); shutil.copytree(tmp_path / "d" / "data.store", tmp_path / "o" / "data.store")
+    with pytest.raises(DeepLenseError, match="not a store of these demo settings"): run_demo(tmp_path / "o", device="cpu", **{**tiny, "n_val": 18})
+    run_demo(tmp_path / "d", device="cpu", overwrite=True, **tiny)
     assert "1/3 reusing" in capsys.readouterr().out                       # same settings: the store is reused
-    run_demo(tmp_path / "d", device="cpu", **{**tiny, "n_train": 36})
+    run_demo(tmp_path / "d", device="cpu", overwrite=True, **{**tiny, "n_train": 36})
     assert "1/3 simulated" in capsys.readouterr().out                     # other settings: simulated again
     assert len(PackedDataset(tmp_path / "d" / "data.store", split="train")) == 36
     (tmp_path / "e" / "data.store").mkdir(parents=True); (tmp_path / "e" / "data.store" / "mine.txt").write_text("keep")
-    with pytest.raises(DataError, match="not a packed store"): run_demo(tmp_path / "e", device="cpu", **tiny)
+    with pytest.raises(DeepLenseError, match="not a store of these demo settings"): run_demo(tmp_path / "e", device="cpu", **tiny)
+    with pytest.raises(DataError, match="not a packed store"): run_demo(tmp_path / "e", device="cpu", overwrite=True, **tiny)
     assert (tmp_path / "e" / "data.store" / "mine.txt").read_text() == "keep"   # a folder that is not a store is never replaced
