@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from .core import CLASSES_T1, Config, DeepLenseError, atomic_write_text, check_choice, get_device
+from .core import CLASSES_T1, Config, DeepLenseError, atomic_write_text, check_choice, device_batch, get_device
 from .physics import (pixel_grid, alpha_sie_shear, alpha_point_masses, vortex_positions, lens_equation,
                                   sersic, gaussian_psf, convolve, smooth_lens_image)
 from .simbatch import (PRESETS, LensFindingPreset, SimPreset, get_preset, render_batch, render_lens_finding_batch,
@@ -481,6 +481,9 @@ def _cli_simulate(p):
     p.add_argument("--batch-size", type=int, default=None, help="images rendered at once (default: 32 on a CPU, 2048 on a GPU)")
     def run(a):
         t0 = time.time()
+        if a.batch_size is not None: device_batch(a.device, a.batch_size, cpu=1, gpu=1, name="--batch-size")   # checked before anything is drawn
+        bad = [f"--{k.replace('_', '-')} {v}" for k, v in (("train_ratio", a.train_ratio), ("test_ratio", a.test_ratio)) if v < 0]
+        if a.what == "lens-finding" and bad: raise DeepLenseError(f"{', '.join(bad)}: non-lenses per lens must be >= 0")
         if a.what == "task1":
             man = simulate_task1(a.out, n_train=a.n_train, n_val=a.n_val, seed=a.seed, preset=a.preset or "model_i",
                                  device=a.device, dtype=a.dtype, overwrite=a.overwrite, engine=a.engine, batch_size=a.batch_size)
