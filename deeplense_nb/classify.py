@@ -6,7 +6,7 @@ Docs: https://ml4sci.github.io/deeplense_nb/classify.html.md"""
 
 # %% ../nbs/06b_classify.ipynb #3528feb3
 from __future__ import annotations
-import argparse, dataclasses, json, time
+import argparse, contextlib, dataclasses, json, numbers, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -14,7 +14,7 @@ import re
 import torch
 from torch import nn
 from fastcore.basics import patch
-from .core import (Config, DeepLenseError, add_config_arguments, atomic_write_text, check_choice,
+from .core import (Config, ConfigError, DeepLenseError, add_config_arguments, atomic_write_text, check_choice,
                                config_from_args, read_config_file, seed_everything)
 from .checkpoint import _jsonable, checkpoint_meta
 from .data import augment_from_spec, class_weights, get_dataloaders
@@ -50,21 +50,21 @@ class TrainConfig(Config):
     wd: float = 1e-2              # weight decay (weights only, not biases and norm scales)
     opt: str = "adamw"            # adamw | adam | sgd (momentum 0.9, Nesterov)
     loss: str = "ce"              # ce | focal
-    label_smoothing: float = 0.0  # label smoothing of the loss
+    label_smoothing: float = 0.0  # label smoothing of the loss, in [0, 1)
     sched: str = "onecycle"       # onecycle | cosine | step | plateau | none
-    warmup: float = 0.05          # cosine: warm-up fraction of all steps
+    warmup: float = 0.05          # cosine: warm-up fraction of all steps, in [0, 1)
     amp: str = "auto"             # auto (CUDA: bf16 or fp16) | off | bf16 | fp16
     channels_last: bool | None = None  # channels-last memory format (None: on with CUDA or CPU bf16)
     compile: bool = False         # torch.compile the model
     grad_accum: int = 1           # accumulate gradients over this many batches
-    clip: float | None = None     # clip the gradient norm to this value
+    clip: float | None = None     # clip the gradient norm to this value (None or 0: off)
     ema: float | None = None      # EMA decay of the weights, e.g. 0.999
     mixup: float = 0.0            # MixUp alpha (0: off)
     cutmix: float = 0.0           # CutMix alpha (0: off)
-    early_stop: int | None = None # stop after this many epochs without improvement
+    early_stop: int | None = None # stop after this many epochs without improvement (None or 0: off)
     monitor: str = "roc_auc"      # metric that picks best.ckpt (and early stopping)
     val_frac: float = 0.1         # validation share carved off train when the data have no val split
-    folds: int = 0                # > 1: k-fold cross-validation on the training pool, validating on fold `fold`
+    folds: int = 0                # >= 2: k-fold cross-validation on the training pool, validating on fold `fold`
     fold: int = 0                 # which fold validates (0 .. folds-1)
     augment: bool | str = True    # training augmentation: True (D4 flips/rotations), False, or a spec such as "flip,rot90,affine:deg=10"
     balance: str | float | None = None  # None, "weighted", or a minority:majority ratio such as 0.2
@@ -88,18 +88,42 @@ class TrainConfig(Config):
     resize_mode: str = "bilinear" # resize interpolation: bilinear | bicubic | area | nearest
 
 # %% ../nbs/06b_classify.ipynb #2483def9
+_TYPES = {"int": (numbers.Integral, "an integer"), "float": (numbers.Real, "a number"), "bool": (bool, "true or false"),
+          "str": (str, "a string"), "None": (type(None), "null"), "dict": (dict, "an object"), "list": (list, "a list")}
+
+def _check_types(d: dict, where: str = ""):
+    "Raise `ConfigError` naming a setting of `d` whose value is not of its `TrainConfig` field's type (a bool is no number)."
+    annos = {f.name: str(f.type).split(" | ") for f in dataclasses.fields(TrainConfig)}
+    for k, v in d.items():
+        names = annos.get(k, ["?"])
+        if any(n not in _TYPES for n in names) or (k == "augment" and isinstance(v, nn.Module)): continue
+        if not any(isinstance(v, _TYPES[n][0]) and (n == "bool" or not isinstance(v, bool)) for n in names):
+            raise ConfigError(f"{where}{k}={v!r}: expected {' or '.join(_TYPES[n][1] for n in names)}, got {type(v).__name__}.")
+
 @patch
 def validate(self: TrainConfig) -> TrainConfig:
-    "Check enum-like settings and ranges; raises `DeepLenseError` naming the bad value."
+    "Check types, enum-like settings and ranges; raises `DeepLenseError` naming the bad value."
+    _check_types({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
     for k, allowed in CHOICES.items():
         if k != "task" or self.task is not None: check_choice(k, getattr(self, k), allowed)
-    for k in ("epochs", "batch_size", "grad_accum"):
-        if int(getattr(self, k)) < 1: raise DeepLenseError(f"{k} must be >= 1, got {getattr(self, k)}.")
-    if not self.lr > 0: raise DeepLenseError(f"lr must be > 0, got {self.lr}.")
+    for k in ("epochs", "batch_size", "grad_accum", "step_size"):
+        if getattr(self, k) < 1: raise DeepLenseError(f"{k} must be >= 1, got {getattr(self, k)}.")
+    for k in ("wd", "mixup", "cutmix", "num_workers", "plateau_patience"):
+        if getattr(self, k) < 0: raise DeepLenseError(f"{k} must be >= 0, got {getattr(self, k)}.")
+    for k in ("clip", "early_stop"):
+        if (getattr(self, k) or 0) < 0: raise DeepLenseError(f"{k} must be > 0 (None or 0: off), got {getattr(self, k)}.")
+    for k in ("label_smoothing", "warmup", "ema"):
+        if getattr(self, k) is not None and not 0 <= getattr(self, k) < 1: raise DeepLenseError(f"{k} must be in [0, 1), got {getattr(self, k)}.")
+    for k in ("lr", "step_gamma"):
+        if not getattr(self, k) > 0: raise DeepLenseError(f"{k} must be > 0, got {getattr(self, k)}.")
+    if not 0 < self.plateau_factor < 1: raise DeepLenseError(f"plateau_factor must be between 0 and 1, got {self.plateau_factor}.")
+    if self.folds < 0 or self.folds == 1: raise DeepLenseError(f"folds must be 0 (no cross-validation) or >= 2, got {self.folds}.")
+    if not 0 <= self.fold < max(self.folds, 1): raise DeepLenseError(f"fold must be in 0..{max(self.folds, 1) - 1} for folds={self.folds}, got {self.fold}.")
+    if self.epoch_size is not None and self.epoch_size < 1: raise DeepLenseError(f"epoch_size must be >= 1, got {self.epoch_size}.")
     if not 0 < self.val_frac < 1: raise DeepLenseError(f"val_frac must be between 0 and 1, got {self.val_frac}.")
     if self.subset is not None and not self.subset > 0: raise DeepLenseError(f"subset must be > 0 (a fraction or a count), got {self.subset}.")
     if self.gamma < 0: raise DeepLenseError(f"gamma must be >= 0, got {self.gamma}.")
-    if self.resize is not None and int(self.resize) < 8: raise DeepLenseError(f"resize must be >= 8 pixels, got {self.resize}.")
+    if self.resize is not None and self.resize < 8: raise DeepLenseError(f"resize must be >= 8 pixels, got {self.resize}.")
     if isinstance(self.augment, str): _augment(self.augment, 0)  # a bad spec fails here, before any data are read
     return self
 
@@ -277,9 +301,16 @@ def train_classifier(data, # dataset folder (real or simulated layout) or packed
     if learn.is_main:
         print(f"deeplense train: {note}." + (f" No checkpoint in {out} yet: starting from scratch." if resume and ck is None else ""))
         for n in existing if overwrite else (): (out / n).unlink(missing_ok=True)
+        new_dir = not out.exists()
         out.mkdir(parents=True, exist_ok=True); atomic_write_text(out / "config.json", cfg.to_json() + "\n")
     t0, start = time.perf_counter(), (checkpoint_meta(ck)["epoch"] if ck is not None else -1)
-    learn.fit(cfg.epochs, resume=ck)
+    try: learn.fit(cfg.epochs, resume=ck)
+    except BaseException:  # failed before its first checkpoint: take back what this start wrote, so a plain rerun is not refused
+        if learn.is_main and "config.json" not in existing and not (out / "last.ckpt").exists():
+            (out / "config.json").unlink(missing_ok=True)
+            if new_dir:
+                with contextlib.suppress(OSError): out.rmdir()
+        raise
     done = ck is not None and len(learn.history) == start + 1 and (out / "metrics.json").is_file()
     if done: return json.loads((out / "metrics.json").read_text())  # a finished run resumed: nothing trained, nothing rewritten
     metrics = _summary(learn, cfg, out, dls.classes, time.perf_counter() - t0) | {"validation": note}
@@ -321,7 +352,9 @@ def _cli_train(p: argparse.ArgumentParser, base: Callable[[argparse.Namespace], 
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     def run(a):
-        cfg = config_from_args(TrainConfig, a, {**(base(a) if base else {}), **(read_config_file(a.config) if a.config else {})})
+        file = read_config_file(a.config) if a.config else {}
+        _check_types(file, f"config file {a.config}: ")
+        cfg = config_from_args(TrainConfig, a, {**(base(a) if base else {}), **file})
         if not cfg.data: raise DeepLenseError("--data is required (a dataset folder or packed store), on the command line or in --config.")
         m = train_classifier(cfg.data, out=a.out, device=a.device, resume=a.resume, overwrite=a.overwrite,
                              progress=not a.no_progress, **{k: v for k, v in cfg.to_dict().items() if k != "data"})

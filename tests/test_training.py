@@ -254,6 +254,48 @@ def test_train_command(toy_task1, tmp_path, cli):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 
+BAD_SETTINGS = [  # (flags, what the one-line error must say)
+    (["--clip", "-1"], "clip"), (["--mixup", "-1"], "mixup"), (["--cutmix", "-2"], "cutmix"), (["--warmup", "3"], "warmup"),
+    (["--early-stop", "-1"], "early_stop"), (["--folds", "-2"], "folds"), (["--folds", "1"], "folds"),
+    (["--sched", "step", "--step-size", "0"], "step_size"), (["--label-smoothing", "2"], "label_smoothing"),
+    (["--ema", "1.5"], "ema"), (["--plateau-factor", "2"], "plateau_factor")]
+BAD_FILES = [({"epochs": 1.7}, "epochs=1.7: expected an integer"), ({"epochs": True}, "epochs=True: expected an integer"),
+             ({"epochs": "many"}, "epochs='many': expected an integer"), ({"lr": "fast", "epochs": 1}, "lr='fast': expected a number")]
+
+def _train_cli(data, out, *args):
+    from deeplense_nb.cli import main
+    return main(["train", "--data", str(data), "--model", "cnn_baseline", "--epochs", "1", "--batch-size", "4", "--device", "cpu",
+                 "--no-progress", "--out", str(out), *map(str, args)])
+
+@pytest.mark.parametrize("flags,says", BAD_SETTINGS + [(cfg, says) for cfg, says in BAD_FILES])
+def test_train_rejects_bad_settings_before_writing(flags, says, toy_task1, tmp_path, capsys):
+    "A meaningless or mistyped setting (flag or config file) is one line naming it, exit 2, and leaves --out as it was."
+    if isinstance(flags, dict):  # a config file: the message names the file and the key
+        (tmp_path / "cfg.json").write_text(json.dumps(flags)); flags, says = ["--config", tmp_path / "cfg.json"], f"{tmp_path / 'cfg.json'}: {says}"
+        (tmp_path / "out").mkdir(); (tmp_path / "out/notes.txt").write_text("mine")   # something of the user's, kept
+    assert _train_cli(toy_task1, tmp_path / "out", *flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err and "unexpected" not in err, err
+    assert not (tmp_path / "out/config.json").exists() and [p.name for p in tmp_path.glob("out/*")] in ([], ["notes.txt"])
+
+def test_train_config_validates_ranges_and_types():
+    "The Python API gets the same checks (`TrainConfig.validate`); 0 keeps meaning off for clip and early_stop."
+    from deeplense_nb.classify import TrainConfig
+    for kw, says in [({"clip": -1.0}, "clip"), ({"warmup": 1.0}, "warmup"), ({"early_stop": -1}, "early_stop"),
+                     ({"step_size": 0}, "step_size"), ({"label_smoothing": 1.0}, "label_smoothing"), ({"mixup": -1.0}, "mixup"),
+                     ({"folds": 3, "fold": 3}, "fold"), ({"epochs": 1.7}, "expected an integer"), ({"lr": "fast"}, "expected a number")]:
+        with pytest.raises(DeepLenseError, match=says): TrainConfig(**kw).validate()
+    TrainConfig(clip=0, early_stop=0, mixup=0.0, warmup=0.0, folds=3, fold=2, epochs=np.int64(2), lr=1).validate()
+
+def test_failed_start_leaves_no_run_behind(toy_task1, tmp_path):
+    "A run that fails before its first checkpoint removes the config.json it wrote, so a plain rerun is not refused."
+    from deeplense_nb.classify import train_classifier
+    kw = dict(model="cnn_baseline", epochs=1, batch_size=8, device="cpu", progress=False)
+    with pytest.raises(Crash): train_classifier(toy_task1, out=tmp_path / "run", cbs=[CrashAt(0)], **kw)
+    assert not (tmp_path / "run").exists()
+    assert train_classifier(toy_task1, out=tmp_path / "run", **kw)["epochs"] == 1
+
+
 def test_train_command_under_torchrun(toy_task1, tmp_path):
     "`deeplense train` runs unchanged on 2 processes (gloo); only rank 0 writes; metrics see every validation image once."
     run = tmp_path / "ddp"
