@@ -6,7 +6,7 @@ Docs: https://ml4sci.github.io/deeplense_nb/deploy.html.md"""
 
 # %% ../nbs/07a_deploy.ipynb #ced222b9
 from __future__ import annotations
-import argparse, importlib, json, re, warnings
+import argparse, contextlib, importlib, json, math, os, re, sys, tempfile, warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -29,8 +29,14 @@ class DeployError(DeepLenseError):
 def _new_file(out: str | Path, overwrite: bool) -> Path:
     "`out` as a Path, refusing to replace an existing file unless `overwrite`."
     out = Path(out)
+    if out.is_dir(): raise DeployError(f"{out} is a folder; --out names the file to write, not a folder.")
     if out.exists() and not overwrite: raise DeployError(f"{out} exists; choose another --out or pass --overwrite.")
     return out
+
+def _at_least_1(name: str, v) -> int:
+    "`v` checked to be an integer >= 1; the message names the option `name`."
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1: raise DeployError(f"{name} must be an integer >= 1, got {v!r}.")
+    return int(v)
 
 # %% ../nbs/07a_deploy.ipynb #7ba67526
 _HF_BLOCK = {"dwconv": "conv_dw", "layernorm": "norm", "pwconv1": "mlp.fc1", "grn": "mlp.grn", "pwconv2": "mlp.fc2"}
@@ -88,7 +94,7 @@ class ImportReport:
     head: str = "loaded" # "loaded", "missing" (fresh) or "of another shape" (fresh)
 
     @property
-    def complete(self) -> bool: return bool(self.matched) and not self.mismatched and not self.missing
+    def complete(self) -> bool: return bool(self.matched) and not self.mismatched and not self.missing and self.head != "of another shape"
 
     def __str__(self) -> str:
         parts = [f"{len(self.matched)} matched", f"{len(self.missing)} missing", f"{len(self.unexpected)} unexpected",
@@ -117,14 +123,17 @@ def _file_shapes(name: str, sd: dict, settings: dict, src) -> tuple[int | None, 
             int(h.shape[0]) if h is not None and h.ndim == 2 else None)
 
 # %% ../nbs/07a_deploy.ipynb #6744a7c7
-def _import_shapes(name, sd, settings, in_chans, num_classes, classes, src) -> tuple[int, int]:
+def _import_shapes(name, sd, settings, in_chans, num_classes, classes, src, allow_partial=False) -> tuple[int, int]:
     fi, fk = _file_shapes(name, sd, settings, src)
-    in_chans = in_chans or fi
-    num_classes = num_classes or (len(classes) if classes else fk)
+    in_chans = in_chans if in_chans is not None else fi
+    num_classes = num_classes if num_classes is not None else (len(classes) if classes else fk)
     if not in_chans: raise DeployError(f"{src}: cannot tell the number of input channels from the file; pass --in-chans.")
     if not num_classes: raise DeployError(f"{src}: the file has no classifier head to count the classes; pass --num-classes.")
     if classes and len(classes) != num_classes:
         raise DeployError(f"--classes names {len(classes)} classes but the model has {num_classes} (--num-classes or the file's head).")
+    if fk and fk != num_classes and not allow_partial:
+        raise DeployError(f"{src}: the file's head has {fk} classes but --classes/--num-classes ask for {num_classes}; "
+                          f"pass --allow-partial to start a fresh {num_classes}-class head.")
     return in_chans, num_classes
 
 # %% ../nbs/07a_deploy.ipynb #29b82b65
@@ -140,8 +149,12 @@ def import_weights(src: str | Path, # weight file: .pt/.pth (plain or wrapped st
                   ) -> ImportReport:
     "Turn weights trained elsewhere into a deeplense checkpoint, with a key-by-key report; refuses partial matches."
     src, out = Path(src), _new_file(out, overwrite)
+    if in_chans is not None: in_chans = _at_least_1("--in-chans", in_chans)
+    if num_classes is not None: num_classes = _at_least_1("--num-classes", num_classes)
+    if classes is not None and (not classes or not all(str(c).strip() for c in classes) or len(set(classes)) < len(classes)):
+        raise DeployError(f"--classes {','.join(map(str, classes))!r}: give distinct, non-empty class names, e.g. no,sphere,vort.")
     sd = read_state_dict(src)
-    in_chans, num_classes = _import_shapes(model, sd, settings, in_chans, num_classes, classes, src)
+    in_chans, num_classes = _import_shapes(model, sd, settings, in_chans, num_classes, classes, src, allow_partial)
     net = create_model(model, in_chans=in_chans, num_classes=num_classes, **settings)
     how, (rep, ok, unexpected, bad, missing, _) = _best_match(net, sd)
     head = "missing" if rep.missing_head else ("of another shape" if any(k.startswith("head.") for k in rep.skipped) else "loaded")
@@ -150,7 +163,7 @@ def import_weights(src: str | Path, # weight file: .pt/.pth (plain or wrapped st
     if not report.complete and not allow_partial:
         why = "no tensor matches" if not ok else "the weights do not fit"
         raise DeployError(f"{src}: {why} model {net.name!r}: {str(report).splitlines()[0]}. Check --model and its "
-                          "settings (--in-chans, --num-classes, --model-kwargs), or pass --allow-partial to keep the fresh "
+                          "settings (--in-chans, --num-classes, --classes, --model-kwargs), or pass --allow-partial to keep the fresh "
                           "initialisation of what does not fit.\n" + str(report))
     net.load_state_dict(ok, strict=False)
     save_model(out, net, classes=classes, in_chans=in_chans, imported_from=str(src), import_report=asdict(report))
@@ -170,21 +183,55 @@ def _exportable(model: torch.nn.Module) -> tuple[torch.nn.Module, Resize | None]
     rs = next((m for m in model.pre if isinstance(m, Resize)), None) if isinstance(model, WithPreprocessing) else None
     return (model.model, rs) if rs is not None else (model, None)
 
-def _img_size(meta: dict, img_size) -> tuple[int, int]:
-    s = img_size or (meta.get("config") or {}).get("img_size") or 64
-    s = [s] if isinstance(s, (int, float, str)) else list(s)
-    if not 1 <= len(s) <= 2: raise DeployError(f"image size {s}: give H, or H and W.")
-    return int(s[0]), int(s[-1])
+def _img_size(s) -> tuple[int, int]:
+    "(H, W) from H, or H and W, each an integer >= 1."
+    s = [s] if isinstance(s, (int, float, str, np.integer)) else list(s)
+    if not 1 <= len(s) <= 2: raise DeployError(f"--img-size {' '.join(map(str, s))}: give H, or H and W.")
+    return _at_least_1("--img-size", s[0]), _at_least_1("--img-size", s[-1])
+
+def _opsets() -> range:
+    "The ONNX opsets the installed TorchScript exporter (the one used here) writes."
+    try: c = importlib.import_module("torch.onnx._constants")
+    except ImportError: return range(7, 18)
+    return range(getattr(c, "ONNX_MIN_OPSET", 7), getattr(c, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 17) + 1)
 
 # %% ../nbs/07a_deploy.ipynb #5f65a9ec
+@contextlib.contextmanager
+def _quiet_fds():
+    "Send what C++ code prints to stdout and stderr meanwhile (the exporter's dump of a graph it fails on) to a discarded file."
+    sys.stdout.flush(); sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with tempfile.TemporaryFile() as f:
+            os.dup2(f.fileno(), 1); os.dup2(f.fileno(), 2)
+            yield
+    finally:
+        for fd, s in zip((1, 2), saved): os.dup2(s, fd); os.close(s)
+
+def _gist(e: BaseException) -> str:
+    "An exporter's or onnxruntime's message in a few words: its first line, without the request for a bug report."
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return re.split(r"\. Please |\s*\[Caused by ", first)[0].rstrip(".")[:200]
+
+def _size_hint(why: str, H: int, W: int) -> str:
+    p = [1 << max(4, round(math.log2(s))) for s in (H, W)]  # the nearest powers of two
+    if "not factor of input size" not in why or p == [H, W]: return "; try another --img-size"
+    return f"; adaptive pooling needs a size its output divides: try --img-size {p[0]}" + (f" {p[1]}" if p[1] != p[0] else "")
+
 def _onnx_write(model, x, out: Path, opset: int, props: dict, check) -> Path:
-    "Export to a temporary file and `check(tmp)` it there: only a model that passes is moved to `out`."
+    "Export to a temporary file and `check(tmp)` it there: only a model that passes is moved to `out`; a failure is one line."
     onnx = _optional("onnx", "ONNX export")
     def write(tmp):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            torch.onnx.export(model, (x,), str(tmp), input_names=["image"], output_names=["logits"], opset_version=opset,
-                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        try:
+            with warnings.catch_warnings(), _quiet_fds():
+                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+                torch.onnx.export(model, (x,), str(tmp), input_names=["image"], output_names=["logits"], opset_version=opset,
+                                  dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        except DeepLenseError: raise
+        except Exception as e:
+            (C, H, W), why = x.shape[1:], _gist(e)
+            hint = "" if "preprocess_first" in props else _size_hint(why, H, W)  # a resized run exports at its resize
+            raise DeployError(f"{props['source']}: this model cannot be exported to ONNX at {C}x{H}x{W}: {why}{hint}.") from None
         m = onnx.load(str(tmp)); onnx.helper.set_model_props(m, props); onnx.save(m, str(tmp))
         check(tmp)
     return atomic_write(out, write)
@@ -199,17 +246,21 @@ def export_onnx(ckpt: str | Path, # checkpoint file or run folder
                ) -> dict:
     "Export a checkpoint's classifier to ONNX (dynamic batch axis) and check it against PyTorch with onnxruntime."
     ort = _optional("onnxruntime", "ONNX export")
-    out = _new_file(out, overwrite)
+    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)) or opset not in (ops := _opsets()):
+        raise DeployError(f"--opset {opset!r}: torch {torch.__version__.split('+')[0]} exports ONNX opsets {ops.start} to {ops.stop - 1}.")
+    size, out = _img_size(img_size) if img_size is not None else None, _new_file(out, overwrite)  # checked before any work
     (model,), _, (meta,) = load_models(ckpt)
     model, rs = _exportable(model)
-    C, (H, W) = int(getattr(model, "in_chans", 1)), (rs.size, rs.size) if rs else _img_size(meta, img_size)
+    C, (H, W) = int(getattr(model, "in_chans", 1)), (rs.size, rs.size) if rs else size or _img_size((meta.get("config") or {}).get("img_size") or 64)
     g = torch.Generator().manual_seed(0)
     classes = _meta_classes(meta) or [f"class{i}" for i in range(model.num_classes)]
     x, res = torch.rand(2, C, H, W, generator=g), {}
     def check(tmp):  # onnxruntime vs PyTorch on a fresh batch, before the file is moved into place
         xc = torch.rand(3, C, H, W, generator=g)
-        sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        with torch.no_grad(): res["diff"] = diff = float(np.abs(sess.run(None, {"image": xc.numpy()})[0] - model(xc).numpy()).max())
+        so = ort.SessionOptions(); so.log_severity_level = 3  # errors only: no onnxruntime warnings on the terminal
+        try: y = ort.InferenceSession(str(tmp), so, providers=["CPUExecutionProvider"]).run(None, {"image": xc.numpy()})[0]
+        except Exception as e: raise DeployError(f"{ckpt}: onnxruntime cannot run the model exported at opset {opset}: {_gist(e)}.") from None
+        with torch.no_grad(): res["diff"] = diff = float(np.abs(y - model(xc).numpy()).max())
         if not diff <= atol:
             raise DeployError(f"{out}: the ONNX model disagrees with PyTorch (max abs logit difference {diff:.3g} > {atol:g}); nothing was written.")
     spec = (meta.get("config") or {}).get("preprocess")
@@ -266,6 +317,7 @@ def predict_files(ckpt, # checkpoint, run folder, or a list of them (soft ensemb
                   allow_pickle: bool = False, # read [image, number] object arrays (pickle can execute code: trusted files only)
                  ) -> pd.DataFrame:
     "Class probabilities and the predicted class of every `.npy` file: one row per file."
+    batch_size = _at_least_1("--batch-size", batch_size)
     models, _, metas = load_models(ckpt)
     files, dev = find_npy(paths), get_device(device)
     amp_dt, in_chans = amp_dtype(dev, amp), getattr(models[0], "in_chans", None)
@@ -291,7 +343,7 @@ def _cli_import_weights(p: argparse.ArgumentParser):
     p.add_argument("--classes", default=None, help="comma-separated class names stored in the checkpoint, e.g. no,sphere,vort")
     p.add_argument("--model-kwargs", type=_json_arg, default={}, metavar="JSON",
                    help='model settings as in `deeplense train`, e.g. {"small_input": true} (see `deeplense list-models`)')
-    p.add_argument("--allow-partial", action="store_true", help="write the checkpoint even when tensors are missing or of another shape")
+    p.add_argument("--allow-partial", action="store_true", help="write the checkpoint even when tensors are missing or of another shape (the head too: a fresh head for other --classes)")
     p.add_argument("--out", required=True, help="the deeplense checkpoint to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     def run(a):

@@ -1,6 +1,6 @@
 """Deployment: import-weights (torch, JSON, Hugging Face ConvNeXt-V2), ONNX export, predict on real .npy files, and
 the wheel (experiment notebooks and subpackages shipped)."""
-import json, shutil, subprocess, sys, zipfile
+import json, re, shutil, subprocess, sys, zipfile
 import numpy as np
 import pandas as pd
 import pytest
@@ -113,6 +113,34 @@ def test_import_refusals(tmp_path, cli):
     assert r.returncode == 2 and "--model-kwargs must be a JSON object" in r.stderr and not (tmp_path / "b.ckpt").exists()
 
 
+
+def _one_line_error(r, *parts):
+    "A refusal as the project promises it: exit 2, nothing on stdout, one line on stderr naming the problem."
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r
+    for p in parts: assert p in r.stderr, (p, r.stderr)
+
+
+def _main(capsys, *args):
+    "`deeplense ARGS` in this process (quicker than `cli` for many refusals), as a CompletedProcess."
+    from deeplense_nb.cli import main
+    rc = main([str(a) for a in args]); o = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, o.out, o.err)
+
+
+def test_import_refuses_a_head_of_another_shape_and_bad_counts(tmp_path, capsys):
+    "Weights of a 3-class model imported for 2 classes were written with a random head (exit 0); 0 meant 'not given'."
+    torch.save(create_model("cnn_baseline", in_chans=1, num_classes=3).state_dict(), tmp_path / "w.pt")
+    imp = lambda *a: _main(capsys, "import-weights", tmp_path / "w.pt", "--model", "cnn_baseline", *a, "--out", tmp_path / "c.ckpt")
+    _one_line_error(imp("--classes", "a,b"), "w.pt: the file's head has 3 classes but --classes/--num-classes ask for 2", "--allow-partial")
+    _one_line_error(imp("--num-classes", "2"), "head has 3 classes")
+    _one_line_error(imp("--classes", ",,"), "--classes ',,': give distinct, non-empty class names")
+    _one_line_error(imp("--classes", "a,a,a"), "--classes 'a,a,a': give distinct")
+    _one_line_error(imp("--num-classes", "0"), "--num-classes must be an integer >= 1, got 0")
+    _one_line_error(imp("--in-chans", "0"), "--in-chans must be an integer >= 1, got 0")
+    assert not (tmp_path / "c.ckpt").exists()
+    r = imp("--classes", "a,b", "--allow-partial")
+    assert r.returncode == 0 and "head of another shape" in r.stdout and load_model(tmp_path / "c.ckpt")[0].num_classes == 2
+
 def test_import_never_unpickles_code(tmp_path, cli):
     marker = tmp_path / "pwned"
     class Evil:
@@ -156,6 +184,33 @@ def test_export_that_fails_its_check_writes_nothing(ckpt_t1, tmp_path):
         export_onnx(ckpt_t1, tmp_path / "m.onnx", img_size=32, atol=-1, overwrite=True)
     assert (tmp_path / "m.onnx").read_bytes() == b"old"
 
+
+
+def test_export_failure_is_one_line(tmp_path, cli):
+    "cnn_baseline at 150 px: the exporter printed ~59 lines of TorchScript graph on stdout, then 'unexpected SymbolicValueError'."
+    torch.save(create_model("cnn_baseline", in_chans=1, num_classes=3).state_dict(), tmp_path / "w.pt")
+    import_weights(tmp_path / "w.pt", model="cnn_baseline", out=tmp_path / "c.ckpt")
+    r = cli("export", tmp_path / "c.ckpt", "--out", tmp_path / "m.onnx", "--img-size", "150", check=False)
+    _one_line_error(r, "c.ckpt: this model cannot be exported to ONNX at 1x150x150", "adaptive_avg_pool2d", "try --img-size 128")
+    assert "unexpected" not in r.stderr and not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob(".m.onnx*"))
+
+
+@pytest.mark.parametrize("kw, msg", [({"opset": 99}, "--opset 99: torch"), ({"opset": 5}, "exports ONNX opsets 7 to"),
+                                     ({"img_size": [0]}, "--img-size must be an integer >= 1, got 0"),
+                                     ({"img_size": [64, 64, 64]}, "--img-size 64 64 64: give H, or H and W")])
+def test_export_checks_its_options_first(tmp_path, kw, msg):
+    "A bad --opset or --img-size is refused before the checkpoint is read (opset 5 printed onnxruntime warnings, 99 a graph)."
+    with pytest.raises(DeployError, match=re.escape(msg)): export_onnx(tmp_path / "absent.ckpt", tmp_path / "m.onnx", **kw)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_out_must_not_be_a_folder(ckpt_t1, real_samples, tmp_path, cli):
+    "--out FOLDER --overwrite failed after the whole prediction with '.outdir.tmp123 -> outdir: Is a directory'."
+    (tmp_path / "outdir").mkdir()
+    for cmd in (["predict", ckpt_t1, real_samples / "common_test_I"], ["export", ckpt_t1]):
+        r = cli(*cmd, "--out", tmp_path / "outdir", "--overwrite", check=False)
+        _one_line_error(r, f"{tmp_path / 'outdir'} is a folder; --out names the file to write")
+    assert list((tmp_path / "outdir").iterdir()) == []
 
 def test_export_without_onnx_names_the_extra(ckpt_t1, tmp_path, monkeypatch):
     import deeplense_nb.deploy as D
@@ -202,6 +257,15 @@ def test_predict_lens_finding_samples_recursive(real_samples, tmp_path, cli):
     r = cli("predict", tmp_path / "t2.ckpt", real_samples / "common_test_I", "--out", tmp_path / "p.csv", check=False)
     assert r.returncode == 2 and "has 1 channel(s) but the model takes 3" in r.stderr and not (tmp_path / "p.csv").exists()
 
+
+
+@pytest.mark.parametrize("bs", ["0", "-1"])
+def test_predict_refuses_batch_size_below_1(ckpt_t1, tmp_path, capsys, bs):
+    "--batch-size 0 gave 'unexpected ValueError: range() arg 3 must not be zero'."
+    (tmp_path / "a.npy").write_bytes(b"")  # never read: the option is checked first
+    r = _main(capsys, "predict", ckpt_t1, tmp_path / "a.npy", "--out", tmp_path / "p.csv", "--batch-size", bs)
+    _one_line_error(r, f"--batch-size must be an integer >= 1, got {bs}")
+    assert not (tmp_path / "p.csv").exists()
 
 def test_predict_every_layout(ckpt_t1, tmp_path, cli):
     rng = np.random.default_rng(0)
