@@ -242,13 +242,15 @@ def _demo_data_matches(store: Path, cfg: dict, seed: int) -> bool:
     return bool(man) and man["preset"] == json.loads(get_preset(cfg["preset"]).to_json()) and man["seed"] == seed and \
         [sum(man["counts"][s].values()) for s in ("train", "val")] == [cfg["n_train"], cfg["n_val"]]
 
-def _check_demo_out(out: Path, data: Path, cfg: dict, seed: int, overwrite: bool) -> None:
-    "Refuse, before any work and unless `overwrite`, an `out` holding a demo's run or report, or a store of other settings."
+def _check_demo_out(out: Path, data: Path, cfg: dict, seed: int, overwrite: bool) -> bool:
+    "Refuse, before any work and unless `overwrite`, an `out` holding a demo's run or report, or a store of other settings; True when the store `data` can be reused."
     done = [str(p.relative_to(out)) for p in (out / "train" / "metrics.json", out / "report" / "metrics.json", *sorted(out.glob("train/*.ckpt"))) if p.exists()]
     if done and not overwrite:
         raise DeepLenseError(f"{out} already holds a demo ({done[0]}); choose another --out or pass --overwrite (a store of the same settings is reused).")
-    if data.exists() and not overwrite and not _demo_data_matches(data, cfg, seed):
+    reuse = _demo_data_matches(data, cfg, seed)
+    if data.exists() and not overwrite and not reuse:
         raise DeepLenseError(f"{data} is not a store of these demo settings; choose another --out or pass --overwrite to replace it.")
+    return reuse
 
 def run_demo(out: str | Path = "demo_out", *, device: str = "auto", seed: int = 0,
              overwrite: bool = False, # replace the run, report and (when its settings differ) the store already in `out`
@@ -256,13 +258,13 @@ def run_demo(out: str | Path = "demo_out", *, device: str = "auto", seed: int = 
     "Simulate -> train -> evaluate -> report, printing each step; returns the evaluation metrics."
     dev = get_device(device)
     cfg = {**(DEMO_GPU if dev.type == "cuda" else DEMO_CPU), **overrides}
-    out = Path(out); _check_demo_out(out, out / "data.store", cfg, seed, overwrite); out.mkdir(parents=True, exist_ok=True)
+    out, data = Path(out), Path(out) / "data.store"   # one packed store: no per-image files to write, then read back, on the way to the device
+    reuse = _check_demo_out(out, data, cfg, seed, overwrite); out.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
     say = lambda s: print(f"[demo {time.time() - t_all:6.0f}s] {s}", flush=True)
     info = env_info(dev)
     say(f"deeplense_nb {info['deeplense_nb']}, torch {info['torch']}, device {info['device']}; settings {cfg}")
-    data = out / "data.store"   # one packed store: no per-image files to write, then read back, on the way to the device
-    if _demo_data_matches(data, cfg, seed):
+    if reuse:
         say(f"1/3 reusing the simulated Task I store {data}")
     else:
         t0 = time.time()
