@@ -16,10 +16,11 @@ import torch
 import torch.nn as nn
 
 # %% auto #0
-__all__ = ['CLASSES_T1', 'AMP_CHOICES', 'DeepLenseError', 'ConfigError', 'check_choice', 'get_device', 'device_batch',
-           'cpu_bf16_supported', 'amp_dtype', 'seed_everything', 'Config', 'pid_alive', 'fsync_dir', 'atomic_write',
-           'atomic_write_text', 'add_config_arguments', 'read_config_file', 'given_settings', 'config_from_args',
-           'env_info', 'find_rngs', 'rng_states', 'set_rng_states', 'get_rng_state', 'set_rng_state']
+__all__ = ['CLASSES_T1', 'AMP_CHOICES', 'DeepLenseError', 'ConfigError', 'check_choice', 'get_device', 'check_count',
+           'device_batch', 'cpu_bf16_supported', 'amp_dtype', 'seed_everything', 'Config', 'pid_alive', 'fsync_dir',
+           'atomic_write', 'atomic_write_text', 'add_config_arguments', 'read_config_file', 'given_settings',
+           'config_from_args', 'env_info', 'find_rngs', 'rng_states', 'set_rng_states', 'get_rng_state',
+           'set_rng_state']
 
 # %% ../nbs/00_core.ipynb #455d652c
 class DeepLenseError(Exception):
@@ -76,15 +77,22 @@ def get_device(device: str | torch.device | None = "auto", # "auto", "cpu", "cud
     return torch.device("cpu")
 
 # %% ../nbs/00_core.ipynb #ea62ce7c
+def check_count(name: str, # the setting's name, for the message
+                v, # the value given
+                *, error: type = DeepLenseError, # the exception class raised (a `DeepLenseError` subclass)
+               ) -> int:
+    "`v` as an `int`, checked to be an integer >= 1 (a bool is not one); raises `error` naming the setting."
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1: raise error(f"{name} must be an integer >= 1, got {v!r}.")
+    return int(v)
+
 def device_batch(device, # the device the work runs on (anything `get_device` takes)
                  batch: int | None = None, # the size asked for; None: the default for the device
                  *, cpu: int, gpu: int, # the defaults on a CPU and on a GPU (CUDA or MPS)
                  name: str = "batch_size", # the setting's name, for the message
                 ) -> int:
-    "`batch` checked (an integer >= 1), or by default `cpu` items at once on a CPU and `gpu` on a GPU."
+    "`batch` checked (`check_count`), or by default `cpu` items at once on a CPU and `gpu` on a GPU."
     if batch is None: return cpu if get_device(device).type == "cpu" else gpu
-    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1: raise DeepLenseError(f"{name}={batch!r} must be an integer >= 1")
-    return batch
+    return check_count(name, batch)
 
 # %% ../nbs/00_core.ipynb #49056851
 AMP_CHOICES = ("auto", "on", "off", "bf16", "fp16")  # the settings of mixed precision (plus None, True and False)

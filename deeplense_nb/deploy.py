@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from .core import DeepLenseError, _json_arg, amp_dtype, atomic_write, atomic_write_text, get_device
+from .core import DeepLenseError, _json_arg, amp_dtype, atomic_write, atomic_write_text, check_count, get_device
 from .checkpoint import save_model, load_model
 from .data import BadFileError, Resize, natural_key, read_npy
 from .models import MissingDependencyError, WeightsError, create_model, read_state_dict, _match_weights, _fmt
@@ -33,10 +33,7 @@ def _new_file(out: str | Path, overwrite: bool) -> Path:
     if out.exists() and not overwrite: raise DeployError(f"{out} exists; choose another --out or pass --overwrite.")
     return out
 
-def _at_least_1(name: str, v) -> int:
-    "`v` checked to be an integer >= 1; the message names the option `name`."
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1: raise DeployError(f"{name} must be an integer >= 1, got {v!r}.")
-    return int(v)
+def _at_least_1(name: str, v) -> int: return check_count(name, v, error=DeployError)   # a count option, its error a DeployError
 
 # %% ../nbs/07a_deploy.ipynb #7ba67526
 _HF_BLOCK = {"dwconv": "conv_dw", "layernorm": "norm", "pwconv1": "mlp.fc1", "grn": "mlp.grn", "pwconv2": "mlp.fc2"}

@@ -90,7 +90,7 @@ def test_cli_same_seed_byte_identical(tmp_path, cli):
     assert (tmp_path / "a/train/no/1.npy").read_bytes() != (tmp_path / "c/train/no/1.npy").read_bytes()
     r = cli("simulate", "task1", "--out", tmp_path / "a", "--n-train", 3, check=False)
     assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr
-    for args, what in ((("task1", "--batch-size", 0), "--batch-size=0 must be an integer >= 1"),
+    for args, what in ((("task1", "--batch-size", 0), "--batch-size must be an integer >= 1, got 0."),
                        (("lens-finding", "--train-ratio", -1), "--train-ratio -1: non-lenses per lens must be >= 0")):
         r = cli("simulate", *args, "--out", tmp_path / "d", check=False)   # checked up front: no progress bar, no folder
         assert r.returncode == 2 and r.stderr.strip() == f"deeplense simulate: error: {what}" and not (tmp_path / "d").exists(), r.stderr
