@@ -6,7 +6,7 @@ Docs: https://ml4sci.github.io/deeplense_nb/classify.html.md"""
 
 # %% ../nbs/06b_classify.ipynb #3528feb3
 from __future__ import annotations
-import argparse, contextlib, dataclasses, json, numbers, time
+import argparse, contextlib, dataclasses, json, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -14,7 +14,7 @@ import re
 import torch
 from torch import nn
 from fastcore.basics import patch
-from .core import (Config, ConfigError, DeepLenseError, add_config_arguments, atomic_write_text, check_choice,
+from .core import (Config, DeepLenseError, add_config_arguments, atomic_write_text, check_choice,
                                config_from_args, read_config_file, seed_everything)
 from .checkpoint import _jsonable, checkpoint_meta
 from .data import augment_from_spec, class_weights, get_dataloaders
@@ -88,22 +88,11 @@ class TrainConfig(Config):
     resize_mode: str = "bilinear" # resize interpolation: bilinear | bicubic | area | nearest
 
 # %% ../nbs/06b_classify.ipynb #2483def9
-_TYPES = {"int": (numbers.Integral, "an integer"), "float": (numbers.Real, "a number"), "bool": (bool, "true or false"),
-          "str": (str, "a string"), "None": (type(None), "null"), "dict": (dict, "an object"), "list": (list, "a list")}
-
-def _check_types(d: dict, where: str = ""):
-    "Raise `ConfigError` naming a setting of `d` whose value is not of its `TrainConfig` field's type (a bool is no number)."
-    annos = {f.name: str(f.type).split(" | ") for f in dataclasses.fields(TrainConfig)}
-    for k, v in d.items():
-        names = annos.get(k, ["?"])
-        if any(n not in _TYPES for n in names) or (k == "augment" and isinstance(v, nn.Module)): continue
-        if not any(isinstance(v, _TYPES[n][0]) and (n == "bool" or not isinstance(v, bool)) for n in names):
-            raise ConfigError(f"{where}{k}={v!r}: expected {' or '.join(_TYPES[n][1] for n in names)}, got {type(v).__name__}.")
-
 @patch
 def validate(self: TrainConfig) -> TrainConfig:
     "Check types, enum-like settings and ranges; raises `DeepLenseError` naming the bad value."
-    _check_types({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+    TrainConfig.check_types({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                             if not (f.name == "augment" and isinstance(self.augment, nn.Module))})   # a transform given in Python
     for k, allowed in CHOICES.items():
         if k != "task" or self.task is not None: check_choice(k, getattr(self, k), allowed)
     for k in ("epochs", "batch_size", "grad_accum", "step_size"):
@@ -353,7 +342,7 @@ def _cli_train(p: argparse.ArgumentParser, base: Callable[[argparse.Namespace], 
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     def run(a):
         file = read_config_file(a.config) if a.config else {}
-        _check_types(file, f"config file {a.config}: ")
+        TrainConfig.check_types(file, f"config file {a.config}: ")
         cfg = config_from_args(TrainConfig, a, {**(base(a) if base else {}), **file})
         if not cfg.data: raise DeepLenseError("--data is required (a dataset folder or packed store), on the command line or in --config.")
         m = train_classifier(cfg.data, out=a.out, device=a.device, resume=a.resume, overwrite=a.overwrite,

@@ -6,7 +6,7 @@ Docs: https://ml4sci.github.io/deeplense_nb/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #992bca42
 from __future__ import annotations
-import argparse, dataclasses, importlib, importlib.metadata, json, os, random, platform, sys, types
+import argparse, dataclasses, importlib, importlib.metadata, json, numbers, os, random, platform, sys, types
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -146,6 +146,9 @@ def _to_jsonable(v: Any) -> Any:
     return v
 
 # %% ../nbs/00_core.ipynb #546cf139
+_SIMPLE_TYPES = {"int": (numbers.Integral, "an integer"), "float": (numbers.Real, "a number"), "bool": (bool, "true or false"),
+                 "str": (str, "a string"), "None": (type(None), "null"), "dict": (dict, "an object"), "list": (list, "a list")}
+
 @dataclass
 class Config:
     "Base for dataclass configs that round-trip through dicts and JSON."
@@ -164,12 +167,22 @@ class Config:
         kw = {}
         for k, v in d.items():
             if k not in names: continue
-            t = names[k].type
             default = names[k].default_factory() if names[k].default_factory is not dataclasses.MISSING else names[k].default
             if isinstance(default, Config) and isinstance(v, dict): v = type(default).from_dict(v, strict=strict)
             elif isinstance(default, tuple) and isinstance(v, list): v = tuple(tuple(o) if isinstance(o, list) else o for o in v)
             kw[k] = v
         return cls(**kw)
+
+    @classmethod
+    def check_types(cls, d: dict, where: str = "") -> dict:
+        "`d` checked against the fields' simple annotated types (int, float, bool, str, None, dict, list; a bool is no number); a `ConfigError` names the setting. Other fields are not checked."
+        annos = {f.name: str(f.type).split(" | ") for f in fields(cls)}
+        for k, v in d.items():
+            names = annos.get(k, ["?"])
+            if any(n not in _SIMPLE_TYPES for n in names): continue
+            if not any(isinstance(v, _SIMPLE_TYPES[n][0]) and (n == "bool" or not isinstance(v, bool)) for n in names):
+                raise ConfigError(f"{where}{k}={v!r}: expected {' or '.join(_SIMPLE_TYPES[n][1] for n in names)}, got {type(v).__name__}.")
+        return d
 
     def replace(self, **kw):
         "A copy with some fields changed."
