@@ -192,10 +192,13 @@ def _callbacks(cfg: TrainConfig, device: torch.device, num_classes: int) -> list
 # %% ../nbs/06b_classify.ipynb #8f6e805c
 _RUN_FILES = ("config.json", "metrics.json", "last.ckpt", "best.ckpt", "history.csv", "history.json")
 
-def _check_out(out: Path, *, resume: bool, overwrite: bool) -> list[str]:
-    "The run files already in `out`; refuses a finished run unless resuming or overwriting (nothing is touched)."
+def _check_out(out: Path, *, resume: bool, overwrite: bool, data=None) -> list[str]:
+    "The run files already in `out`; refuses a finished run unless resuming or overwriting, and a run inside the `data` folder (nothing is touched)."
     if resume and overwrite: raise DeepLenseError("choose resume (continue the run) or overwrite (start again), not both.")
     if out.exists() and not out.is_dir(): raise DeepLenseError(f"--out {out} is a file, not a run folder; choose a folder name.")
+    d = Path(data).resolve() if isinstance(data, (str, Path)) and Path(data).is_dir() else None
+    if d is not None and (out.resolve() == d or d in out.resolve().parents):
+        raise DeepLenseError(f"--out {out} is inside the training data {data}; write the run to a folder outside it.")
     found = [n for n in _RUN_FILES if (out / n).exists()] if out.is_dir() else []
     if found and not (resume or overwrite):
         raise DeepLenseError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it or "
@@ -272,7 +275,7 @@ def train_classifier(data, # dataset folder (real or simulated layout) or packed
                     ) -> dict:
     "Train a classifier on DeepLense data and write checkpoints, history and metrics.json into `out`; returns the metrics."
     cfg, out = _config(data, kw), Path(out)
-    existing = _check_out(out, resume=resume, overwrite=overwrite)
+    existing = _check_out(out, resume=resume, overwrite=overwrite, data=data)
     dev, rank, world = init_distributed(device)
     if world > 1 and cfg.device_data == "on": raise DeepLenseError("device_data=\"on\" holds all the data in one process; under torchrun use auto or off.")
     dd = cfg.device_data if world == 1 else "off"  # DDP shards a BatchLoader; device-resident loaders are single-process

@@ -82,10 +82,14 @@ def user_message(e: BaseException) -> str:
             "report it)")
 
 # %% ../nbs/10_cli.ipynb #761f4018
+class _Parser(argparse.ArgumentParser):
+    "An argument parser whose usage errors are one line (and where to find the options), exit status 2: no usage block."
+    def error(self, message): self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
 def build_parser() -> argparse.ArgumentParser:
     "The `deeplense` argument parser with every registered subcommand."
     from deeplense_nb import __version__
-    p = argparse.ArgumentParser(prog="deeplense",
+    p = _Parser(prog="deeplense",
         description="deeplense_nb: deep learning on strong gravitational lensing images (ML4SCI DeepLense).",
         epilog="Run 'deeplense COMMAND --help' for the options of a command.")
     p.add_argument("--version", action="version", version=f"deeplense_nb {__version__}")
@@ -96,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_parser(name: str) -> argparse.ArgumentParser:
     help = available_commands()[name]
-    sp = argparse.ArgumentParser(prog=f"deeplense {name}", description=help[0].upper() + help[1:] + ".")
+    sp = _Parser(prog=f"deeplense {name}", description=help[0].upper() + help[1:] + ".")
     sp.set_defaults(_run=_builder(name)(sp), command=name)
     return sp
 

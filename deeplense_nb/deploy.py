@@ -17,7 +17,7 @@ from .core import DeepLenseError, _json_arg, amp_dtype, atomic_write, atomic_wri
 from .checkpoint import save_model, load_model
 from .data import BadFileError, Resize, natural_key, read_npy
 from .models import MissingDependencyError, WeightsError, create_model, read_state_dict, _match_weights, _fmt
-from .evaluation import WithPreprocessing, load_models, _batch_probs, _meta_classes
+from .evaluation import WithPreprocessing, load_models, _batch_probs, _meta_classes, _size_problem
 
 # %% auto #0
 __all__ = ['DeployError', 'hf_convnextv2_to_timm', 'ImportReport', 'import_weights', 'export_onnx', 'find_npy', 'predict_files']
@@ -283,13 +283,14 @@ def find_npy(paths: Sequence[str | Path], # .npy files and folders
     return list(dict.fromkeys(files))
 
 # %% ../nbs/07a_deploy.ipynb #16bbbf6e
-def _read_batch(files: list[Path], in_chans: int | None, allow_pickle: bool) -> list[np.ndarray]:
+def _read_batch(files: list[Path], in_chans: int | None, metas: list[dict], allow_pickle: bool) -> list[np.ndarray]:
     imgs = []
     for f in files:
         a = read_npy(f, allow_pickle=allow_pickle)
         if in_chans and a.shape[0] != in_chans:
             raise BadFileError(f, f"has {a.shape[0]} channel(s) but the model takes {in_chans} (shape {a.shape}); "
                                   "is it from another task?")
+        if (why := _size_problem(metas, a.shape[-2:])): raise BadFileError(f, why)
         imgs.append(a)
     return imgs
 
@@ -322,7 +323,7 @@ def predict_files(ckpt, # checkpoint, run folder, or a list of them (soft ensemb
     probs = []
     with torch.inference_mode():
         for i in range(0, len(files), batch_size):
-            imgs = _read_batch(files[i:i + batch_size], in_chans, allow_pickle)
+            imgs = _read_batch(files[i:i + batch_size], in_chans, metas, allow_pickle)
             probs.append(_score(models, imgs, dev=dev, tta=tta, amp_dt=amp_dt))
     P = np.concatenate(probs)
     classes = next((c for c in map(_meta_classes, metas) if c), None) or [f"class{k}" for k in range(P.shape[1])]

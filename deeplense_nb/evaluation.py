@@ -453,6 +453,20 @@ def _meta_classes(meta: dict) -> list[str] | None:
         if isinstance(d, dict) and d.get("classes"): return [str(c) for c in d["classes"]]
     return None
 
+def _input_size(meta: dict) -> tuple[int, int] | None:
+    "(H, W) of the images a checkpoint's run trained on; None when the run resizes every input or recorded no size."
+    cfg = meta.get("config") or {}
+    s = None if (cfg.get("preprocess") or {}).get("resize") else cfg.get("img_size")
+    return None if s is None else (int(s), int(s)) if isinstance(s, (int, float)) else (int(s[0]), int(s[-1]))
+
+def _size_problem(metas: Sequence[dict], hw: Sequence[int]) -> str | None:
+    "Why images of size `hw` cannot be scored (a model with adaptive pooling would score them, meaninglessly), or None."
+    want = sorted({s for s in map(_input_size, metas) if s})
+    if not want or tuple(hw) in want: return None
+    sizes = " and ".join(f"{h}x{w}" for h, w in want)
+    return (f"is {hw[0]}x{hw[1]} but the model was trained on {sizes} images; resize the images first, "
+            "or train with --resize so that the model resizes its input")
+
 # %% ../nbs/07_evaluation.ipynb #3a43be34
 def _train_setting(meta: dict, key: str, default):
     "A setting of the training run recorded in checkpoint metadata (meta['config']['train'][key]), else `default`."
@@ -473,6 +487,8 @@ def _folder_loader(data, split: str, metas: list[dict], *, batch_size: int, num_
     "A dataset folder / packed store as a loader of its `split`, with notes on what was scored; other data pass through."
     if not isinstance(data, (str, Path)): return data, []
     ds, s = _open_split(Path(data), split, on_error=on_error)
+    hw = (ds.img_size,) * 2 if isinstance(ds.img_size, int) else ds.img_size
+    if (why := _size_problem(metas, hw)): raise EvaluationError(f"{data}: the {s!r} split {why}.")
     notes = [f"scored the {s!r} split of {data} ({len(ds)} images)" if s != "all" else
              f"{data} has no validation or test split: scored every image ({len(ds)})"]
     if s in ("all", "train") and any(_train_setting(m, "data", None) == str(data) for m in metas):

@@ -141,7 +141,7 @@ def _cli_train(p: argparse.ArgumentParser):
         kw = {**(read_config_file(a.config) if a.config else {}), **given_settings(TrainConfig, a)}
         data = kw.pop("data", None)
         if not data: raise DeepLenseError("--data is required (the training data), on the command line or in --config.")
-        _check_out(Path(a.out), resume=a.resume, overwrite=a.overwrite)   # a finished run is never silently replaced
+        _check_out(Path(a.out), resume=a.resume, overwrite=a.overwrite, data=data)   # a finished run is never silently replaced
         if a.resume: kw["resume"] = True   # a trainer that cannot resume refuses the setting by name
         run_recipe(a.recipe, data, out=a.out, device=a.device, progress=not a.no_progress, **kw)
         print(f"deeplense train: recipe {a.recipe} finished; results in {a.out}")

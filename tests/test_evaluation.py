@@ -349,6 +349,9 @@ def test_binary_checkpoint_on_the_test_split(tmp_path):
     _check_png(tmp_path / "rep" / "pr.png")
     with pytest.raises(EvaluationError, match="trained on classes"):
         evaluate(tmp_path / "run", make_toy_dataset(tmp_path / "t1", layout="task1", n_per_class=4, img_size=32), n_boot=0)
+    big = make_toy_dataset(tmp_path / "t48", layout="task2", n_per_class=2, img_size=48)   # adaptive pooling would score it
+    with pytest.raises(EvaluationError, match="the 'test' split is 48x48 but the model was trained on 32x32 images"):
+        evaluate(tmp_path / "run", big, split="test", n_boot=0)
 
 
 def test_checkpoints_are_evaluated_with_their_runs_preprocessing(tmp_path):
@@ -366,3 +369,5 @@ def test_checkpoints_are_evaluated_with_their_runs_preprocessing(tmp_path):
     assert abs(rep.metrics["auc_macro"] - m["roc_auc"]) < 1e-9   # the validation AUC of training, reproduced
     raw, _ = load_model(tmp_path / "run" / "best.ckpt")        # the bare network sees unnormalised full-size images
     assert abs(evaluate(raw, root, split="val", device="cpu").metrics["auc_macro"] - m["roc_auc"]) > 1e-6
+    other = make_toy_dataset(tmp_path / "toy24", layout="task1", n_per_class=2, img_size=24)   # the run resizes: any size
+    assert evaluate(tmp_path / "run", other, split="val", device="cpu", n_boot=0).metrics["n"] == 3

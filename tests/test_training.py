@@ -278,6 +278,15 @@ def test_train_rejects_bad_settings_before_writing(flags, says, toy_task1, tmp_p
     assert len(err.splitlines()) == 1 and says in err and "unexpected" not in err, err
     assert not (tmp_path / "out/config.json").exists() and [p.name for p in tmp_path.glob("out/*")] in ([], ["notes.txt"])
 
+def test_train_refuses_a_run_inside_its_data(toy_task1, tmp_path, capsys):
+    "--out the dataset folder (or a folder in it) would mix checkpoints with the data: one line, exit 2, nothing written."
+    before = sorted(p.relative_to(toy_task1) for p in toy_task1.rglob("*"))
+    for out in (toy_task1, toy_task1 / "runs" / "a"):
+        assert _train_cli(toy_task1, out, "--overwrite") == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "is inside the training data" in err, err
+    assert sorted(p.relative_to(toy_task1) for p in toy_task1.rglob("*")) == before
+
 def test_train_config_validates_ranges_and_types():
     "The Python API gets the same checks (`TrainConfig.validate`); 0 keeps meaning off for clip and early_stop."
     from deeplense_nb.classify import TrainConfig
