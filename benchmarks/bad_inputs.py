@@ -406,6 +406,8 @@ CASES: list[Case] = [
          must=("last.ckpt",), keep=("run/best.ckpt", "run/metrics.json"), needs=("ref",)),
     Case("train_out_is_file", "run folder", TRAIN("DS", "notes.txt"), user_file, must=("notes.txt",), keep=("notes.txt",)),
     Case("train_out_user_folder", "run folder", TRAIN("DS", "mine"), user_folder, expect="any", keep=("mine/thesis.tex", "mine/results.csv")),
+    Case("train_out_inside_data", "run folder", lambda c, d: ["deeplense", "train", "--data", str(c.ds), "--out", str(c.ds / "runs" / "a"), *TRAIN_BASE],
+         must=("inside the training data",), note="checkpoints written into the dataset folder would mix with its images"),
 
     # 3. divergence --------------------------------------------------------------------------------------------------
     Case("train_diverges_lr_1e6", "training", TRAIN("DS", "run", "--lr", "1e6", "--opt", "sgd", "--epochs", "2"),
@@ -492,6 +494,11 @@ CASES: list[Case] = [
     Case("train_lr_negative", "options", TRAIN("DS", "run", "--lr", "-0.1"), must=(("lr", "learning rate"),)),
     Case("train_lr_nan", "options", TRAIN("DS", "run", "--lr", "nan"), must=(("lr", "learning rate"),)),
     Case("train_unknown_model", "options", TRAIN("DS", "run", "--model", "resnet9000"), must=("resnet9000",)),
+    Case("predict_other_image_size", "options", lambda c, d: ["deeplense", "predict", str(c.ref), "small", "--out", "p.csv", "--device", "cpu"],
+         lambda c, d: save_npy(d / "small" / "1.npy", img(shape=(1, 40, 40))), must=("1.npy", "40x40"), needs=("ref",),
+         note="a model trained on 150-pixel images asked to score 40-pixel ones (adaptive pooling would score them)"),
+    Case("export_opset_not_integer", "options", lambda c, d: ["deeplense", "export", str(c.ref), "--out", "m.onnx", "--opset", "17.5"],
+         must=("opset", "17.5"), needs=("ref",), note="argparse's own error: one line, not a usage block"),
     Case("train_unknown_task", "options", TRAIN("DS", "run", "--task", "segmentation"), must=("segmentation",)),
     Case("train_bad_amp", "options", TRAIN("DS", "run", "--amp", "fp8"), must=("fp8",)),
     Case("train_bad_device", "options", TRAIN("DS", "run", "--device", "gpu9"), must=("gpu9",)),

@@ -290,7 +290,7 @@ def _read_batch(files: list[Path], in_chans: int | None, metas: list[dict], allo
         if in_chans and a.shape[0] != in_chans:
             raise BadFileError(f, f"has {a.shape[0]} channel(s) but the model takes {in_chans} (shape {a.shape}); "
                                   "is it from another task?")
-        if (why := _size_problem(metas, a.shape[-2:])): raise BadFileError(f, why)
+        if (why := _size_problem(metas, a.shape[-2:])): raise BadFileError(f, f"is {why}")
         imgs.append(a)
     return imgs
 

@@ -464,7 +464,7 @@ def _size_problem(metas: Sequence[dict], hw: Sequence[int]) -> str | None:
     want = sorted({s for s in map(_input_size, metas) if s})
     if not want or tuple(hw) in want: return None
     sizes = " and ".join(f"{h}x{w}" for h, w in want)
-    return (f"is {hw[0]}x{hw[1]} but the model was trained on {sizes} images; resize the images first, "
+    return (f"{hw[0]}x{hw[1]} but the model was trained on {sizes} images; resize the images first, "
             "or train with --resize so that the model resizes its input")
 
 # %% ../nbs/07_evaluation.ipynb #3a43be34
@@ -487,8 +487,6 @@ def _folder_loader(data, split: str, metas: list[dict], *, batch_size: int, num_
     "A dataset folder / packed store as a loader of its `split`, with notes on what was scored; other data pass through."
     if not isinstance(data, (str, Path)): return data, []
     ds, s = _open_split(Path(data), split, on_error=on_error)
-    hw = (ds.img_size,) * 2 if isinstance(ds.img_size, int) else ds.img_size
-    if (why := _size_problem(metas, hw)): raise EvaluationError(f"{data}: the {s!r} split {why}.")
     notes = [f"scored the {s!r} split of {data} ({len(ds)} images)" if s != "all" else
              f"{data} has no validation or test split: scored every image ({len(ds)})"]
     if s in ("all", "train") and any(_train_setting(m, "data", None) == str(data) for m in metas):
@@ -530,6 +528,9 @@ def evaluate(model, # nn.Module, checkpoint, run folder, or a list of these (sof
     src, notes = _folder_loader(data, split, metas, batch_size=batch_size, num_workers=num_workers, on_error=on_error)
     loader, data_classes = as_loader(src, split=split, batch_size=batch_size, num_workers=num_workers)
     classes = _pick_classes(classes, data_classes, metas)
+    size = getattr(getattr(loader, "dataset", None), "img_size", None)   # dataset folders and stores know their image size
+    if size is not None and (why := _size_problem(metas, (size, size) if isinstance(size, int) else size)):
+        raise EvaluationError(f"{data}: the images are {why}.")
     preds = predict_probs(models, loader, tta=tta, device=device, amp=amp, progress=progress)
     seconds = time.perf_counter() - t0
     m = classification_metrics(preds.probs, preds.targets, classes=classes, threshold=threshold, n_boot=n_boot,

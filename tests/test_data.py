@@ -166,7 +166,7 @@ def test_missing_and_unexpected_task1_folders(tmp_path):
     before = digest(root)
     with pytest.raises(LayoutError) as ei: FolderDataset(root)
     msg = str(ei.value)
-    assert f"{root / 'val' / 'vort'}: missing folder" in msg and "vortex: unexpected folder" in msg
+    assert f"{root / 'val' / 'vort'}: missing class folder" in msg and "vortex: unexpected folder" in msg
     assert "task1    ROOT/train/{no,sphere,vort}/N.npy" in msg and "vortex/" in msg  # expected tree and what was found
     ds = FolderDataset(root, on_error="skip")
     assert len(ds.skipped) == 2 and len(ds) == 3 * 4 + 2 * 1

@@ -350,7 +350,7 @@ def test_binary_checkpoint_on_the_test_split(tmp_path):
     with pytest.raises(EvaluationError, match="trained on classes"):
         evaluate(tmp_path / "run", make_toy_dataset(tmp_path / "t1", layout="task1", n_per_class=4, img_size=32), n_boot=0)
     big = make_toy_dataset(tmp_path / "t48", layout="task2", n_per_class=2, img_size=48)   # adaptive pooling would score it
-    with pytest.raises(EvaluationError, match="the 'test' split is 48x48 but the model was trained on 32x32 images"):
+    with pytest.raises(EvaluationError, match="the images are 48x48 but the model was trained on 32x32 images"):
         evaluate(tmp_path / "run", big, split="test", n_boot=0)
 
 

@@ -187,7 +187,7 @@ def _groups(root: Path, kind: str, problems: SkipReport) -> tuple[list[str], lis
         extra(dirs, splits, root, "a Task I dataset holds train/ and val/ (and optionally test/)")
         groups = []
         for s in splits:
-            if not (root / s).is_dir(): problems.add(root / s, "missing folder"); continue
+            if not (root / s).is_dir(): problems.add(root / s, "missing split folder"); continue
             extra(_listdir(root / s)[0], _T1, root / s, "Task I classes are no, sphere, vort; only these names are read")
             groups += [(s, i, f"{s}/{c}") for i, c in enumerate(_T1)]
         return list(_T1), groups
@@ -227,7 +227,7 @@ def scan_layout(root: str | os.PathLike, # dataset folder
     files, labels, splits, ignored = [], [], [], []
     for split, label, rel in groups:
         d = root / rel
-        if not d.is_dir(): problems.add(d, "missing folder"); continue
+        if not d.is_dir(): problems.add(d, "missing class folder"); continue
         _, npys, other = _listdir(d)
         ignored += [f"{rel}/{n}" for n in other]
         if not npys: problems.add(d, "empty folder: no .npy files"); continue
