@@ -62,12 +62,9 @@ class ShardSampler(DistributedSampler):
         self.epoch = epoch
         if hasattr(self.base, "set_epoch"): self.base.set_epoch(epoch)
 
-def shard_loader(dl, # a single-process loader (torch DataLoader or deeplense_nb.data.BatchLoader); its batch size is the global batch
-                 *, rank: int, world_size: int,
-                 ordered: bool = False, # keep each batch in sampler order (validation: lets `gather_rows` drop the padding exactly)
-                ):
-    "This process's share of `dl` for DDP: batch `B // world_size` drawn by a `ShardSampler` (loaders already sharded pass through)."
-    if dl is None or isinstance(getattr(dl, "sampler", None), DistributedSampler): return dl
+# %% ../nbs/05c_distributed.ipynb #c9cdfada
+def _global_batch(dl, world_size: int) -> int:
+    "The batch size of the single-process loader `dl`, once checked that `dl` can be sharded over `world_size` processes."
     what = type(dl).__name__
     if isinstance(getattr(dl, "dataset", None), IterableDataset):
         raise DeepLenseError(f"cannot shard a {what} over an IterableDataset for distributed training; shard the stream yourself.")
@@ -77,19 +74,34 @@ def shard_loader(dl, # a single-process loader (torch DataLoader or deeplense_nb
                              "(a custom batch_sampler is not supported); pass a torch DataLoader or a deeplense_nb BatchLoader.")
     if bs % world_size:
         raise DeepLenseError(f"the global batch size {bs} is not divisible by the {world_size} processes; use a multiple of {world_size}.")
+    return bs
+
+# %% ../nbs/05c_distributed.ipynb #90be9844
+def _sharded_torch_loader(dl: DataLoader, sampler, batch_size: int) -> DataLoader:
+    "The torch `DataLoader` `dl` rebuilt with another sampler and batch size; workers, collation and pinning are kept."
+    kw = dict(batch_size=batch_size, sampler=sampler, num_workers=dl.num_workers, collate_fn=dl.collate_fn,
+              pin_memory=dl.pin_memory, drop_last=dl.drop_last, timeout=dl.timeout, worker_init_fn=dl.worker_init_fn,
+              generator=dl.generator, multiprocessing_context=dl.multiprocessing_context, persistent_workers=dl.persistent_workers)
+    if dl.num_workers > 0: kw["prefetch_factor"] = dl.prefetch_factor
+    return DataLoader(dl.dataset, **kw)
+
+# %% ../nbs/05c_distributed.ipynb #9e0466fd
+def shard_loader(dl, # a single-process loader (torch DataLoader or deeplense_nb.data.BatchLoader); its batch size is the global batch
+                 *, rank: int, world_size: int,
+                 ordered: bool = False, # keep each batch in sampler order (validation: lets `gather_rows` drop the padding exactly)
+                ):
+    "This process's share of `dl` for DDP: batch `B // world_size` drawn by a `ShardSampler` (loaders already sharded pass through)."
+    if dl is None or isinstance(getattr(dl, "sampler", None), DistributedSampler): return dl
+    bs = _global_batch(dl, world_size)
     sampler = ShardSampler(dl.sampler, num_replicas=world_size, rank=rank)
-    if isinstance(dl, DataLoader):
-        kw = dict(batch_size=bs // world_size, sampler=sampler, num_workers=dl.num_workers, collate_fn=dl.collate_fn,
-                  pin_memory=dl.pin_memory, drop_last=dl.drop_last, timeout=dl.timeout, worker_init_fn=dl.worker_init_fn,
-                  generator=dl.generator, multiprocessing_context=dl.multiprocessing_context, persistent_workers=dl.persistent_workers)
-        if dl.num_workers > 0: kw["prefetch_factor"] = dl.prefetch_factor
-        return DataLoader(dl.dataset, **kw)
+    if isinstance(dl, DataLoader): return _sharded_torch_loader(dl, sampler, bs // world_size)
     if all(hasattr(dl, a) for a in ("dataset", "batch_tfm", "drop_last")):  # deeplense_nb.data.BatchLoader
         return type(dl)(dl.dataset, batch_size=bs // world_size, sampler=sampler, drop_last=dl.drop_last,
                         num_workers=getattr(getattr(dl, "dl", None), "num_workers", 0), device=getattr(dl, "device", None),
                         batch_tfm=dl.batch_tfm, sort_batches=not ordered)
-    raise DeepLenseError(f"cannot shard a {what} for distributed training; pass a torch DataLoader or a deeplense_nb BatchLoader.")
+    raise DeepLenseError(f"cannot shard a {type(dl).__name__} for distributed training; pass a torch DataLoader or a deeplense_nb BatchLoader.")
 
+# %% ../nbs/05c_distributed.ipynb #0eccdbca
 def gather_rows(t: torch.Tensor, # this process's rows (first dimension may differ between processes)
                 *, sampler=None, # the sampler that drew the rows; a `DistributedSampler` order is undone and its padding dropped
                 device: torch.device | None = None, # where the collective runs (CUDA for nccl)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 from .core import DeepLenseError, check_choice
 
 # %% auto #0
@@ -55,66 +56,77 @@ class FocalLoss(nn.Module):
                              else torch.as_tensor(alpha, dtype=torch.float32))
         self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
 
-    def extra_repr(self) -> str:
-        a = self.scalar_alpha if self.scalar_alpha is not None else (None if self.alpha is None else self.alpha.tolist())
-        w = None if self.weight is None else self.weight.tolist()
-        return f"gamma={self.gamma}, alpha={a}, weight={w}, label_smoothing={self.label_smoothing}, reduction={self.reduction!r}"
+# %% ../nbs/05_losses.ipynb #05a49961
+@patch
+def extra_repr(self: FocalLoss) -> str:
+    a = self.scalar_alpha if self.scalar_alpha is not None else (None if self.alpha is None else self.alpha.tolist())
+    w = None if self.weight is None else self.weight.tolist()
+    return f"gamma={self.gamma}, alpha={a}, weight={w}, label_smoothing={self.label_smoothing}, reduction={self.reduction!r}"
 
-    def _class_vec(self, t, name, C, device):
-        if t is None: return None
-        if t.numel() != C: raise DeepLenseError(f"FocalLoss: {name} has {t.numel()} values but the logits have {C} classes.")
-        return t.to(device)
+# %% ../nbs/05_losses.ipynb #48d94064
+@patch
+def _class_vec(self: FocalLoss, t, name, C, device):
+    if t is None: return None
+    if t.numel() != C: raise DeepLenseError(f"FocalLoss: {name} has {t.numel()} values but the logits have {C} classes.")
+    return t.to(device)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        "The loss for logits `(B, C)` (or `(B,)`, `(B, 1)` binary) and int or probability targets."
-        binary = logits.ndim == 1 or (logits.ndim == 2 and logits.shape[1] == 1)
-        return self._binary(logits, target) if binary else self._multiclass(logits, target)
+@patch
+def _reduce(self: FocalLoss, loss, norm):
+    if self.reduction == "none": return loss
+    if self.reduction == "sum": return loss.sum()
+    return loss.sum() / norm
 
-    def _reduce(self, loss, norm):
-        if self.reduction == "none": return loss
-        if self.reduction == "sum": return loss.sum()
-        return loss.sum() / norm
+# %% ../nbs/05_losses.ipynb #7480a698
+@patch
+def _multiclass(self: FocalLoss, logits, target):
+    if logits.ndim != 2: raise DeepLenseError(f"FocalLoss expects logits (B, C); got shape {tuple(logits.shape)}.")
+    B, C = logits.shape
+    soft = target.is_floating_point()
+    if soft and target.shape != logits.shape:
+        raise DeepLenseError(f"Soft targets must have the logits' shape {tuple(logits.shape)}; got {tuple(target.shape)}.")
+    if not soft and target.shape != (B,):
+        raise DeepLenseError(f"Integer targets must have shape ({B},); got {tuple(target.shape)}.")
+    if self.scalar_alpha is not None:
+        raise DeepLenseError(f"A scalar alpha is for one binary logit; with {C} logits give one alpha per class.")
+    logp = F.log_softmax(logits.float(), dim=1)
+    q = smooth_targets(target, C, self.label_smoothing)
+    term = -q * logp
+    if self.gamma: term = term * (1 - logp.exp()).clamp(min=0).pow(self.gamma)
+    w = self._class_vec(self.weight, "weight", C, logits.device)
+    a = self._class_vec(self.alpha, "alpha", C, logits.device)
+    if w is not None: term = term * w
+    if a is not None: term = term * a
+    loss = term.sum(1)
+    norm = w[target].sum() if (w is not None and not soft) else torch.tensor(float(B), device=logits.device)
+    return self._reduce(loss, norm)
 
-    def _multiclass(self, logits, target):
-        if logits.ndim != 2: raise DeepLenseError(f"FocalLoss expects logits (B, C); got shape {tuple(logits.shape)}.")
-        B, C = logits.shape
-        soft = target.is_floating_point()
-        if soft and target.shape != logits.shape:
-            raise DeepLenseError(f"Soft targets must have the logits' shape {tuple(logits.shape)}; got {tuple(target.shape)}.")
-        if not soft and target.shape != (B,):
-            raise DeepLenseError(f"Integer targets must have shape ({B},); got {tuple(target.shape)}.")
-        if self.scalar_alpha is not None:
-            raise DeepLenseError(f"A scalar alpha is for one binary logit; with {C} logits give one alpha per class.")
-        logp = F.log_softmax(logits.float(), dim=1)
-        q = smooth_targets(target, C, self.label_smoothing)
-        term = -q * logp
-        if self.gamma: term = term * (1 - logp.exp()).clamp(min=0).pow(self.gamma)
-        w = self._class_vec(self.weight, "weight", C, logits.device)
-        a = self._class_vec(self.alpha, "alpha", C, logits.device)
-        if w is not None: term = term * w
-        if a is not None: term = term * a
-        loss = term.sum(1)
-        norm = w[target].sum() if (w is not None and not soft) else torch.tensor(float(B), device=logits.device)
-        return self._reduce(loss, norm)
+# %% ../nbs/05_losses.ipynb #f3a406ea
+@patch
+def _binary(self: FocalLoss, logits, target):
+    z = logits.float().reshape(-1)
+    t = target.float().reshape(-1)
+    if t.numel() != z.numel():
+        raise DeepLenseError(f"Binary targets must have one value per logit ({z.numel()}); got shape {tuple(target.shape)}.")
+    if self.alpha is not None: raise DeepLenseError("For one binary logit alpha must be a float in [0, 1].")
+    if self.label_smoothing: t = t * (1 - self.label_smoothing) + self.label_smoothing / 2
+    logp, log1mp = F.logsigmoid(z), F.logsigmoid(-z)
+    pos, neg = -t * logp, -(1 - t) * log1mp
+    if self.gamma:
+        p = torch.sigmoid(z)
+        pos, neg = pos * (1 - p).pow(self.gamma), neg * p.pow(self.gamma)
+    if self.weight is not None:
+        w = self._class_vec(self.weight, "weight", 2, z.device)
+        pos, neg = pos * w[1], neg * w[0]
+    if self.scalar_alpha is not None: pos, neg = pos * self.scalar_alpha, neg * (1 - self.scalar_alpha)
+    loss = pos + neg
+    return self._reduce(loss, torch.tensor(float(z.numel()), device=z.device))
 
-    def _binary(self, logits, target):
-        z = logits.float().reshape(-1)
-        t = target.float().reshape(-1)
-        if t.numel() != z.numel():
-            raise DeepLenseError(f"Binary targets must have one value per logit ({z.numel()}); got shape {tuple(target.shape)}.")
-        if self.alpha is not None: raise DeepLenseError("For one binary logit alpha must be a float in [0, 1].")
-        if self.label_smoothing: t = t * (1 - self.label_smoothing) + self.label_smoothing / 2
-        logp, log1mp = F.logsigmoid(z), F.logsigmoid(-z)
-        pos, neg = -t * logp, -(1 - t) * log1mp
-        if self.gamma:
-            p = torch.sigmoid(z)
-            pos, neg = pos * (1 - p).pow(self.gamma), neg * p.pow(self.gamma)
-        if self.weight is not None:
-            w = self._class_vec(self.weight, "weight", 2, z.device)
-            pos, neg = pos * w[1], neg * w[0]
-        if self.scalar_alpha is not None: pos, neg = pos * self.scalar_alpha, neg * (1 - self.scalar_alpha)
-        loss = pos + neg
-        return self._reduce(loss, torch.tensor(float(z.numel()), device=z.device))
+# %% ../nbs/05_losses.ipynb #79273f20
+@patch
+def forward(self: FocalLoss, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    "The loss for logits `(B, C)` (or `(B,)`, `(B, 1)` binary) and int or probability targets."
+    binary = logits.ndim == 1 or (logits.ndim == 2 and logits.shape[1] == 1)
+    return self._binary(logits, target) if binary else self._multiclass(logits, target)
 
 # %% ../nbs/05_losses.ipynb #85800270
 _SCHEMES = ("inverse", "sqrt_inverse", "effective")

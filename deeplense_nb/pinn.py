@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from fastcore.basics import patch, patch_to
 from .core import CLASSES_T1, Config, DeepLenseError, check_choice, get_device, seed_everything
 from .checkpoint import register_builder
 from .simulate import MANIFEST, load_truth, simulate_batch
@@ -189,51 +190,57 @@ class LensEquationLayer(nn.Module):
         self.pixel_scale, self.src_npix, self.src_pixel_scale = float(pixel_scale), int(src_npix), float(src_pixel_scale)
         self.profile, self.shear, self.eps = profile, bool(shear), float(eps)
 
-    def forward(self, img: Tensor, # observed images (B, C, H, W), H == W
-                params: Tensor, # lens parameters (B, P) in the order of `self.names`
-               ) -> dict:
-        "`{'beta_x', 'beta_y', 'source', 'weight', 'relensed'}` for a batch of images and their lens parameters."
-        if img.ndim != 4 or img.shape[-1] != img.shape[-2]:
-            raise DeepLenseError(f"images must be (B, C, H, H); got {tuple(img.shape)}.")
-        with torch.autocast(img.device.type, enabled=False):
-            img, params = img.float(), params.float()
-            bx, by = trace(params, img.shape[-1], self.pixel_scale, names=self.names)
-            src, w = splat(img, bx, by, npix=self.src_npix, pixel_scale=self.src_pixel_scale, eps=self.eps)
-            model = relens(src, bx, by, pixel_scale=self.src_pixel_scale)
-        return {"beta_x": bx, "beta_y": by, "source": src, "weight": w, "relensed": model}
-
-    @staticmethod
-    def consistency(img: Tensor, relensed: Tensor) -> Tensor:
-        "Relative residual per image `(B,)`: sum of squared residuals over the image's variance sum."
-        img, relensed = img.float(), relensed.float()
-        var = (img - img.mean((-2, -1), keepdim=True)).pow(2).flatten(1).sum(1)
-        return (img - relensed).pow(2).flatten(1).sum(1) / var.clamp_min(1e-8)
-
-    @staticmethod
-    def compactness(img: Tensor, # images (B, C, H, W), min-max scaled
-                    beta_x: Tensor, beta_y: Tensor, # traced positions (B, H, W), arcsec
-                    *, bright: float = 0.25, # pixels above this fraction of each image's peak count as the ring
-                   ) -> Tensor:
-        "Flux-weighted source-plane variance of the bright pixels per image `(B,)`, arcsec^2."
-        im = img.float().mean(1)
-        lo, hi = im.amin((-2, -1), keepdim=True), im.amax((-2, -1), keepdim=True)
-        w = (im - lo - bright * (hi - lo)).clamp_min(0)
-        W = w.flatten(1).sum(1).clamp_min(1e-8)
-        mx, my = ((w * beta_x).flatten(1).sum(1) / W).view(-1, 1, 1), ((w * beta_y).flatten(1).sum(1) / W).view(-1, 1, 1)
-        return (w * ((beta_x - mx) ** 2 + (beta_y - my) ** 2)).flatten(1).sum(1) / W
-
-    def physics_loss(self, img: Tensor, # images (B, C, H, W)
-                     out: dict, # this layer's output for `img`
-                     *, compact_weight: float = 1.0, # weight of `compactness` (per arcsec^2)
-                     bright: float = 0.25) -> Tensor:
-        "Per-image physics loss `(B,)`: `consistency + compact_weight * compactness`."
-        loss = self.consistency(img, out["relensed"])
-        if compact_weight: loss = loss + compact_weight * self.compactness(img, out["beta_x"], out["beta_y"], bright=bright)
-        return loss
-
     def extra_repr(self) -> str:
         return (f"profile={self.profile!r}, shear={self.shear}, pixel_scale={self.pixel_scale}, "
                 f"source={self.src_npix}x{self.src_npix} @ {self.src_pixel_scale}\"")
+
+# %% ../nbs/09_pinn.ipynb #332c79e6
+@patch
+def forward(self: LensEquationLayer, img: Tensor, # observed images (B, C, H, W), H == W
+            params: Tensor, # lens parameters (B, P) in the order of `self.names`
+           ) -> dict:
+    "`{'beta_x', 'beta_y', 'source', 'weight', 'relensed'}` for a batch of images and their lens parameters."
+    if img.ndim != 4 or img.shape[-1] != img.shape[-2]:
+        raise DeepLenseError(f"images must be (B, C, H, H); got {tuple(img.shape)}.")
+    with torch.autocast(img.device.type, enabled=False):
+        img, params = img.float(), params.float()
+        bx, by = trace(params, img.shape[-1], self.pixel_scale, names=self.names)
+        src, w = splat(img, bx, by, npix=self.src_npix, pixel_scale=self.src_pixel_scale, eps=self.eps)
+        model = relens(src, bx, by, pixel_scale=self.src_pixel_scale)
+    return {"beta_x": bx, "beta_y": by, "source": src, "weight": w, "relensed": model}
+
+# %% ../nbs/09_pinn.ipynb #8c904bef
+@patch_to(LensEquationLayer, static_method=True)
+def consistency(img: Tensor, relensed: Tensor) -> Tensor:
+    "Relative residual per image `(B,)`: sum of squared residuals over the image's variance sum."
+    img, relensed = img.float(), relensed.float()
+    var = (img - img.mean((-2, -1), keepdim=True)).pow(2).flatten(1).sum(1)
+    return (img - relensed).pow(2).flatten(1).sum(1) / var.clamp_min(1e-8)
+
+# %% ../nbs/09_pinn.ipynb #640976ea
+@patch_to(LensEquationLayer, static_method=True)
+def compactness(img: Tensor, # images (B, C, H, W), min-max scaled
+                beta_x: Tensor, beta_y: Tensor, # traced positions (B, H, W), arcsec
+                *, bright: float = 0.25, # pixels above this fraction of each image's peak count as the ring
+               ) -> Tensor:
+    "Flux-weighted source-plane variance of the bright pixels per image `(B,)`, arcsec^2."
+    im = img.float().mean(1)
+    lo, hi = im.amin((-2, -1), keepdim=True), im.amax((-2, -1), keepdim=True)
+    w = (im - lo - bright * (hi - lo)).clamp_min(0)
+    W = w.flatten(1).sum(1).clamp_min(1e-8)
+    mx, my = ((w * beta_x).flatten(1).sum(1) / W).view(-1, 1, 1), ((w * beta_y).flatten(1).sum(1) / W).view(-1, 1, 1)
+    return (w * ((beta_x - mx) ** 2 + (beta_y - my) ** 2)).flatten(1).sum(1) / W
+
+# %% ../nbs/09_pinn.ipynb #5d642881
+@patch
+def physics_loss(self: LensEquationLayer, img: Tensor, # images (B, C, H, W)
+                 out: dict, # this layer's output for `img`
+                 *, compact_weight: float = 1.0, # weight of `compactness` (per arcsec^2)
+                 bright: float = 0.25) -> Tensor:
+    "Per-image physics loss `(B,)`: `consistency + compact_weight * compactness`."
+    loss = self.consistency(img, out["relensed"])
+    if compact_weight: loss = loss + compact_weight * self.compactness(img, out["beta_x"], out["beta_y"], bright=bright)
+    return loss
 
 # %% ../nbs/09_pinn.ipynb #1cd87294
 PINN_KINDS = ("twohead", "lensiformer")
@@ -450,43 +457,49 @@ class PhysicsObjective(nn.Module):
                        "truth_weight": self.truth_weight, "steps_per_epoch": self.steps_per_epoch,
                        "compact_weight": self.compact_weight, "label_smoothing": self.label_smoothing}}
 
-    @property
-    def epoch(self) -> float:
-        "Training progress in (fractional) epochs."
-        return self._host_step() / self.steps_per_epoch
+# %% ../nbs/09_pinn.ipynb #e65ec743
+@patch(as_prop=True)
+def epoch(self: PhysicsObjective) -> float:
+    "Training progress in (fractional) epochs."
+    return self._host_step() / self.steps_per_epoch
 
-    def _host_step(self) -> int:
-        if self._step is None: self._step = int(self.step)
-        return self._step
+@patch
+def _host_step(self: PhysicsObjective) -> int:
+    if self._step is None: self._step = int(self.step)
+    return self._step
 
-    @property
-    def last(self) -> dict:
-        "The loss terms of the last batch, as floats."
-        return {k: float(v) for k, v in self._last.items()}
+# %% ../nbs/09_pinn.ipynb #22d5dd97
+@patch(as_prop=True)
+def last(self: PhysicsObjective) -> dict:
+    "The loss terms of the last batch, as floats."
+    return {k: float(v) for k, v in self._last.items()}
 
-    def weight(self) -> float:
-        "The physics-loss weight now."
-        return physics_weight(self.epoch, w_max=self.w_max, k=self.k, e0=self.e0)
+@patch
+def weight(self: PhysicsObjective) -> float:
+    "The physics-loss weight now."
+    return physics_weight(self.epoch, w_max=self.w_max, k=self.k, e0=self.e0)
 
-    def forward(self, x: Tensor, y: Tensor | None = None, truth: Tensor | None = None) -> Tensor:
-        "Scalar training loss for `(x, y[, truth])`; logits when called with images only."
-        if y is None: return self.model(x)
-        w = self.weight() if self.w_max > 0 else 0.0
-        out = self.model.forward_all(x, lensing=w > 0 or isinstance(self.model, LensiformerNet))
-        ce = F.cross_entropy(out["logits"].float(), y, label_smoothing=self.label_smoothing)
-        loss, terms = ce, {"ce": ce.detach(), "w": w}
-        if "relensed" in out:
-            cons = LensEquationLayer.consistency(x, out["relensed"]).mean()
-            comp = LensEquationLayer.compactness(x, out["beta_x"], out["beta_y"]).mean()
-            phys = cons + self.compact_weight * comp
-            terms.update(consistency=cons.detach(), compactness=comp.detach())
-            if w > 0: loss = loss + w * phys
-        if truth is not None and self.truth_weight > 0:
-            tl = truth_loss(out["params"].float(), truth, self.model.param_names)
-            loss = loss + self.truth_weight * tl; terms["truth"] = tl.detach()
-        if self.training: self._step = self._host_step() + 1; self.step += 1
-        self._last = terms
-        return loss
+# %% ../nbs/09_pinn.ipynb #abc8088e
+@patch
+def forward(self: PhysicsObjective, x: Tensor, y: Tensor | None = None, truth: Tensor | None = None) -> Tensor:
+    "Scalar training loss for `(x, y[, truth])`; logits when called with images only."
+    if y is None: return self.model(x)
+    w = self.weight() if self.w_max > 0 else 0.0
+    out = self.model.forward_all(x, lensing=w > 0 or isinstance(self.model, LensiformerNet))
+    ce = F.cross_entropy(out["logits"].float(), y, label_smoothing=self.label_smoothing)
+    loss, terms = ce, {"ce": ce.detach(), "w": w}
+    if "relensed" in out:
+        cons = LensEquationLayer.consistency(x, out["relensed"]).mean()
+        comp = LensEquationLayer.compactness(x, out["beta_x"], out["beta_y"]).mean()
+        phys = cons + self.compact_weight * comp
+        terms.update(consistency=cons.detach(), compactness=comp.detach())
+        if w > 0: loss = loss + w * phys
+    if truth is not None and self.truth_weight > 0:
+        tl = truth_loss(out["params"].float(), truth, self.model.param_names)
+        loss = loss + self.truth_weight * tl; terms["truth"] = tl.detach()
+    if self.training: self._step = self._host_step() + 1; self.step += 1
+    self._last = terms
+    return loss
 
 # %% ../nbs/09_pinn.ipynb #30b3c9e7
 @register_builder("deeplense_nb.pinn:create_physics_objective")
@@ -510,33 +523,6 @@ class TruthDataset(torch.utils.data.Dataset):
         if not (len(self.images) == len(self.labels) == len(self.truth)):
             raise DeepLenseError(f"images, labels and truth differ in length: {len(self.images)}, {len(self.labels)}, {len(self.truth)}.")
 
-    @classmethod
-    def simulate(cls, n: int, # number of images (labels cycle through the classes)
-                 *, preset: str = "model_i", seed: int = 0, device: str = "cpu", split: str = "mem") -> TruthDataset:
-        "Simulate `n` images with `deeplense_nb.simulate.simulate_batch` and keep their truth."
-        x, y, t = simulate_batch(n, preset=preset, seed=seed, device=device, split=split)
-        return cls(x.cpu(), y, t)
-
-    @classmethod
-    def from_folder(cls, path: str | Path, # a simulated Task I folder (manifest.json + its truth file)
-                    *, split: str = "train", # sub-folder: "train" or "val"
-                   ) -> TruthDataset:
-        "The images of `path/split/<class>/N.npy` with their lens truth from the simulator's manifest."
-        root = Path(path)
-        rows = [r for r in load_truth(root).values() if Path(str(r.get("file", ""))).parts[:1] == (split,)]
-        if not rows: raise DeepLenseError(f"{root / MANIFEST} lists no images under split {split!r}.")
-        def key(r):
-            p = Path(r["file"]); return (CLASSES_T1.index(p.parts[1]) if p.parts[1] in CLASSES_T1 else -1, int(p.stem) if p.stem.isdigit() else 0)
-        rows.sort(key=key)
-        files, labels = [], []
-        for r in rows:
-            c = Path(r["file"]).parts[1]
-            if c not in CLASSES_T1: raise DeepLenseError(f"{r['file']}: class folder {c!r} is not one of {CLASSES_T1}.")
-            f = root / r["file"]
-            if not f.is_file(): raise DeepLenseError(f"{f} is listed in the manifest of {root} but missing; re-run the simulation.")
-            files.append(f); labels.append(CLASSES_T1.index(c))
-        return cls(files, labels, rows)
-
     def __len__(self) -> int: return len(self.labels)
 
     def __getitem__(self, i):
@@ -544,10 +530,41 @@ class TruthDataset(torch.utils.data.Dataset):
         x = x.float()
         return (x, self.labels[i], self.truth[i]) if self.with_truth else (x, self.labels[i])
 
-    def without_truth(self) -> TruthDataset:
-        "The same samples as `(x, y)` pairs."
-        return TruthDataset(self.images, self.labels, self.truth, classes=self.classes, with_truth=False)
-
     def __repr__(self) -> str:
         src = "memory" if isinstance(self.images, Tensor) else "files"
         return f"TruthDataset(n={len(self)}, classes={list(self.classes)}, from={src}, with_truth={self.with_truth})"
+
+# %% ../nbs/09_pinn.ipynb #c43e76fd
+@patch
+def without_truth(self: TruthDataset) -> TruthDataset:
+    "The same samples as `(x, y)` pairs."
+    return TruthDataset(self.images, self.labels, self.truth, classes=self.classes, with_truth=False)
+
+# %% ../nbs/09_pinn.ipynb #1b20b39b
+@patch(cls_method=True)
+def simulate(cls: TruthDataset, n: int, # number of images (labels cycle through the classes)
+             *, preset: str = "model_i", seed: int = 0, device: str = "cpu", split: str = "mem") -> TruthDataset:
+    "Simulate `n` images with `deeplense_nb.simulate.simulate_batch` and keep their truth."
+    x, y, t = simulate_batch(n, preset=preset, seed=seed, device=device, split=split)
+    return cls(x.cpu(), y, t)
+
+# %% ../nbs/09_pinn.ipynb #a4348203
+@patch(cls_method=True)
+def from_folder(cls: TruthDataset, path: str | Path, # a simulated Task I folder (manifest.json + its truth file)
+                *, split: str = "train", # sub-folder: "train" or "val"
+               ) -> TruthDataset:
+    "The images of `path/split/<class>/N.npy` with their lens truth from the simulator's manifest."
+    root = Path(path)
+    rows = [r for r in load_truth(root).values() if Path(str(r.get("file", ""))).parts[:1] == (split,)]
+    if not rows: raise DeepLenseError(f"{root / MANIFEST} lists no images under split {split!r}.")
+    def key(r):
+        p = Path(r["file"]); return (CLASSES_T1.index(p.parts[1]) if p.parts[1] in CLASSES_T1 else -1, int(p.stem) if p.stem.isdigit() else 0)
+    rows.sort(key=key)
+    files, labels = [], []
+    for r in rows:
+        c = Path(r["file"]).parts[1]
+        if c not in CLASSES_T1: raise DeepLenseError(f"{r['file']}: class folder {c!r} is not one of {CLASSES_T1}.")
+        f = root / r["file"]
+        if not f.is_file(): raise DeepLenseError(f"{f} is listed in the manifest of {root} but missing; re-run the simulation.")
+        files.append(f); labels.append(CLASSES_T1.index(c))
+    return cls(files, labels, rows)

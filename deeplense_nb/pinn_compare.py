@@ -83,6 +83,66 @@ def _bootstrap(probs: dict, targets, classes, n_boot=200, seed=0) -> dict:
     out["diff"] = {n: iv(np.asarray(v) - np.asarray(stats["plain"])) for n, v in stats.items() if n != "plain"}
     return out
 
+# %% ../nbs/09a_pinn_compare.ipynb #2b3655a2
+def _probe_indices(n: int, # training-set size
+                   n_probe: int, # how many indices at most
+                  ) -> np.ndarray:
+    "Up to `n_probe` indices spread evenly over `range(n)` (so over the classes of a set ordered by class)."
+    return np.unique(np.linspace(0, n - 1, min(n, n_probe)).round().astype(int))
+
+# %% ../nbs/09a_pinn_compare.ipynb #69b54351
+def _contender(name: str, # "plain" or a physics kind
+               cfg: dict, # the run's settings (`compare_physics`'s `res["config"]`)
+               *, in_chans: int, steps_per_epoch: int,
+              ) -> tuple:
+    "Model, training objective and loss function of one model of the comparison: cross-entropy for `plain`, a `PhysicsObjective` for the others."
+    kw = dict(backbone=cfg["backbone"], in_chans=in_chans, num_classes=len(cfg["classes"]), backbone_kw=cfg["backbone_kw"],
+              input_norm=cfg["input_norm"])
+    if name == "plain":
+        model = create_pinn("plain", **kw)
+        return model, model, nn.CrossEntropyLoss()
+    model = create_pinn(name, **kw, **(cfg["model_kw"] or {}))
+    objective = PhysicsObjective(model, w_max=cfg["w_max"], k=cfg["k"], e0=cfg["e0"], truth_weight=cfg["truth_weight"],
+                                 compact_weight=cfg["compact_weight"], steps_per_epoch=steps_per_epoch)
+    return model, objective, None
+
+# %% ../nbs/09a_pinn_compare.ipynb #64f0ce71
+def _result_row(name: str, start: dict, end: dict, ev: dict, # `_evaluate` on the probe set before and after training, and on the validation set
+                classes: Sequence[str], secs: float, model: nn.Module) -> dict:
+    "One row of the comparison table: AUCs, accuracy, cross-entropies before/after training and, for physics models, the lens metrics."
+    row = {"model": name, **auc_scores(ev["probs"], ev["targets"], classes),
+           "accuracy": float((ev["probs"].argmax(1) == ev["targets"]).mean()),
+           "train_ce_start": start["ce"], "train_ce_end": end["ce"], "valid_ce": ev["ce"]}
+    if "params" in ev:
+        row.update({"train_consistency_start": start["consistency"], "train_consistency_end": end["consistency"],
+                    "valid_consistency": ev["consistency"], "valid_compactness": ev["compactness"]})
+    if "theta_E_mae" in ev:
+        row.update({"train_theta_E_mae_start": start["theta_E_mae"], "train_theta_E_mae_end": end["theta_E_mae"],
+                    "valid_theta_E_mae": ev["theta_E_mae"]})
+    row.update({"train_s": secs, "params_M": sum(p.numel() for p in model.parameters()) / 1e6})
+    return row
+
+# %% ../nbs/09a_pinn_compare.ipynb #510cc88b
+def _train_contender(name: str, train, valid, # the training and validation sets
+                     valid_dl, probe_dl, # loaders of the validation set and of the training probe
+                     cfg: dict, *, in_chans: int, dev: torch.device, validate_each_epoch: bool, progress: bool) -> tuple:
+    "Train one model of the comparison from the run's seed: the model, its `Learner`, its table row and its validation evaluation."
+    seed, batch_size = cfg["seed"], cfg["batch_size"]
+    seed_everything(seed)
+    data = train.without_truth() if name == "plain" and hasattr(train, "without_truth") else train
+    train_dl = _loader(data, batch_size, True, seed)
+    model, objective, loss_func = _contender(name, cfg, in_chans=in_chans, steps_per_epoch=len(train_dl))
+    model.to(dev)
+    start = _evaluate(model, probe_dl, dev)
+    vdl = None if not validate_each_epoch else _loader(
+        valid.without_truth() if name == "plain" and hasattr(valid, "without_truth") else valid, batch_size, False, seed)
+    learn = Learner(objective, train_dl, vdl, loss_func=loss_func, lr=cfg["lr"], wd=cfg["wd"], device=dev, progress=progress)
+    t0 = time.time(); learn.fit(cfg["epochs"]); secs = time.time() - t0
+    model.eval()
+    end = _evaluate(model, probe_dl, dev)
+    ev = _evaluate(model, valid_dl, dev)
+    return model, learn, _result_row(name, start, end, ev, cfg["classes"], secs, model), ev
+
 # %% ../nbs/09a_pinn_compare.ipynb #497901e8
 def compare_physics(train: TruthDataset, # training samples (x, y, truth)
                     valid: TruthDataset, # validation samples (x, y, truth)
@@ -107,59 +167,28 @@ def compare_physics(train: TruthDataset, # training samples (x, y, truth)
     if len(train) == 0 or len(valid) == 0: raise DeepLenseError("compare_physics needs non-empty train and valid sets.")
     classes = tuple(getattr(train, "classes", CLASSES_T1))
     dev = get_device(device)
-    x0 = train[0][0]
-    in_chans = int(x0.shape[0])
+    in_chans = int(train[0][0].shape[0])
     e0 = epochs / 3 if e0 is None else e0
     valid_dl = _loader(valid, batch_size, False, seed)
-    probe = np.unique(np.linspace(0, len(train) - 1, min(len(train), n_probe)).round().astype(int))  # spread over the classes
+    probe = _probe_indices(len(train), n_probe)  # spread over the classes
     probe_dl = _loader(torch.utils.data.Subset(train, probe.tolist()), batch_size, False, seed)  # training losses before/after
+    cfg = {"kinds": list(kinds), "backbone": backbone, "backbone_kw": backbone_kw, "input_norm": input_norm, "epochs": epochs,
+           "batch_size": batch_size, "lr": lr, "wd": wd, "seed": seed, "device": str(dev), "w_max": w_max,
+           "k": k, "e0": e0, "truth_weight": truth_weight, "compact_weight": compact_weight, "model_kw": model_kw,
+           "n_train": len(train), "n_valid": len(valid), "n_probe": len(probe), "classes": list(classes)}
     rows, res = [], {"models": {}, "eval": {}, "history": {}, "theta_E": {}}
     torch.optim.AdamW([nn.Parameter(torch.zeros(1))])  # first optimizer of a process imports torch._dynamo: not the first model's time
     for name in ("plain", *kinds):
-        seed_everything(seed)
-        data = train.without_truth() if name == "plain" and hasattr(train, "without_truth") else train
-        train_dl = _loader(data, batch_size, True, seed)
-        if name == "plain":
-            model = create_pinn("plain", backbone=backbone, in_chans=in_chans, num_classes=len(classes),
-                                backbone_kw=backbone_kw, input_norm=input_norm)
-            objective, loss_func = model, nn.CrossEntropyLoss()
-        else:
-            model = create_pinn(name, backbone=backbone, in_chans=in_chans, num_classes=len(classes),
-                                backbone_kw=backbone_kw, input_norm=input_norm, **(model_kw or {}))
-            objective = PhysicsObjective(model, w_max=w_max, k=k, e0=e0, truth_weight=truth_weight,
-                                         compact_weight=compact_weight, steps_per_epoch=len(train_dl))
-            loss_func = None
-        model.to(dev)
-        start = _evaluate(model, probe_dl, dev)
-        vdl = None if not validate_each_epoch else _loader(
-            valid.without_truth() if name == "plain" and hasattr(valid, "without_truth") else valid, batch_size, False, seed)
-        learn = Learner(objective, train_dl, vdl, loss_func=loss_func, lr=lr, wd=wd, device=dev, progress=progress)
-        t0 = time.time(); learn.fit(epochs); secs = time.time() - t0
-        model.eval()
-        end = _evaluate(model, probe_dl, dev)
-        ev = _evaluate(model, valid_dl, dev)
-        row = {"model": name, **auc_scores(ev["probs"], ev["targets"], classes),
-               "accuracy": float((ev["probs"].argmax(1) == ev["targets"]).mean()),
-               "train_ce_start": start["ce"], "train_ce_end": end["ce"], "valid_ce": ev["ce"]}
-        if "params" in ev:
-            row.update({"train_consistency_start": start["consistency"], "train_consistency_end": end["consistency"],
-                        "valid_consistency": ev["consistency"], "valid_compactness": ev["compactness"]})
-        if "theta_E_mae" in ev:
-            row.update({"train_theta_E_mae_start": start["theta_E_mae"], "train_theta_E_mae_end": end["theta_E_mae"],
-                        "valid_theta_E_mae": ev["theta_E_mae"]})
-            res["theta_E"][name] = {"true": ev["truth"][:, 0], "pred": ev["params"][:, 0]}
-        row.update({"train_s": secs, "params_M": sum(p.numel() for p in model.parameters()) / 1e6})
+        model, learn, row, ev = _train_contender(name, train, valid, valid_dl, probe_dl, cfg, in_chans=in_chans, dev=dev,
+                                                 validate_each_epoch=validate_each_epoch, progress=progress)
+        if "theta_E_mae" in ev: res["theta_E"][name] = {"true": ev["truth"][:, 0], "pred": ev["params"][:, 0]}
         rows.append(row)
         res["models"][name], res["eval"][name] = model, ev
         res["history"][name] = getattr(learn, "history", None)
-    table = pd.DataFrame(rows).set_index("model")
-    res["table"] = table
+    res["table"] = pd.DataFrame(rows).set_index("model")
     res["bootstrap"] = _bootstrap({n: e["probs"] for n, e in res["eval"].items()}, res["eval"]["plain"]["targets"],
                                   classes, n_boot=n_boot, seed=seed)
-    res["config"] = {"kinds": list(kinds), "backbone": backbone, "backbone_kw": backbone_kw, "input_norm": input_norm, "epochs": epochs,
-                     "batch_size": batch_size, "lr": lr, "wd": wd, "seed": seed, "device": str(dev), "w_max": w_max,
-                     "k": k, "e0": e0, "truth_weight": truth_weight, "compact_weight": compact_weight, "model_kw": model_kw,
-                     "n_train": len(train), "n_valid": len(valid), "n_probe": len(probe), "classes": list(classes)}
+    res["config"] = cfg
     return res
 
 # %% ../nbs/09a_pinn_compare.ipynb #06afb613

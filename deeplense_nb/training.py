@@ -25,9 +25,9 @@ from .checkpoint import (CKPT_FORMAT, CheckpointError, _jsonable, build_model, c
 
 # %% auto #0
 __all__ = ['EVENTS', 'CancelFitException', 'CancelEpochException', 'CancelTrainException', 'CancelValidException',
-           'CancelBatchException', 'CancelBackwardException', 'CancelStepException', 'Callback', 'unwrap_model',
-           'find_bs', 'Learner', 'Recorder', 'ProgressCallback', 'HistoryLogger', 'DivergenceError', 'StopOnNonFinite',
-           'SaveCheckpoint', 'DistributedCallback']
+           'CancelBatchException', 'CancelBackwardException', 'CancelStepException', 'Callback', 'Recorder',
+           'ProgressCallback', 'HistoryLogger', 'unwrap_model', 'find_bs', 'Learner', 'DivergenceError',
+           'StopOnNonFinite', 'SaveCheckpoint', 'DistributedCallback']
 
 # %% ../nbs/06_training.ipynb #68cb0edf
 class CancelFitException(Exception):      "Stop training now; `after_cancel_fit` and `after_fit` still fire."
@@ -50,6 +50,7 @@ def _snake(name: str) -> str:
     name = re.sub(r"Callback$", "", name) or name
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
 
+# %% ../nbs/06_training.ipynb #35725107
 class Callback:
     "Base class of training callbacks: define methods named after events; lower `order` runs first."
     order: int = 0
@@ -75,6 +76,153 @@ class Callback:
 # %% ../nbs/06_training.ipynb #e35ca43c
 from .metrics import accuracy, roc_auc  # the package's one implementation (see `deeplense_nb.metrics`)
 
+# %% ../nbs/06_training.ipynb #d19eeec9
+class Recorder(Callback):
+    "History rows (`learn.history`) and whole-set validation loss/metrics (`valid_result`, `preds`, `targets`)."
+    order, run_lr_find = -20, False
+
+    def before_fit(self): self.learn.history, self.learn.train_iter = [], 0
+
+    def before_epoch(self): self._t0, self.row = time.perf_counter(), {"epoch": self.learn.epoch}
+
+    def before_train(self):  # the loss sum stays on the device (no sync per batch) except on the CPU, where a float is cheapest
+        self._loss, self._n = (0.0 if self.learn.device.type == "cpu" else torch.zeros((), dtype=torch.float64, device=self.learn.device)), 0
+        self.row["lr"] = self.learn.opt.param_groups[0]["lr"] if self.learn.opt is not None else float("nan")
+
+    def before_validate(self):  # predictions stay on the device until the epoch's end: one copy to the CPU, no sync per batch
+        self._preds, self._targets, self._vn = [], [], 0
+        self._vloss = 0.0 if self.learn.device.type == "cpu" else torch.zeros((), dtype=torch.float64, device=self.learn.device)
+
+    @property
+    def train_loss(self) -> float:
+        "Mean training loss of the current epoch so far (on this process)."
+        return float(self._loss) / max(self._n, 1)
+
+# %% ../nbs/06_training.ipynb #bbd58f8f
+@patch
+def after_batch(self: Recorder):
+    L = self.learn; bs = find_bs(L.xb)
+    if L.training:
+        if isinstance(self._loss, float): self._loss += L.loss.item() * bs
+        else: self._loss.add_(L.loss.detach(), alpha=bs)
+        self._n += bs; L.train_iter += 1
+        return
+    self._vn += bs
+    if L.loss_func is not None and len(L.yb):  # classifiers: the loss is recomputed on the whole set in after_validate
+        self._preds.append(L.pred.detach().float()); self._targets.append(L.yb[0].detach())
+    elif isinstance(self._vloss, float): self._vloss += L.loss.item() * bs
+    else: self._vloss.add_(L.loss.detach(), alpha=bs)
+
+# %% ../nbs/06_training.ipynb #1c6139f4
+def _all_reduce_sum(t: torch.Tensor, device) -> torch.Tensor:
+    dev = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = t.to(dev); dist.all_reduce(t); return t.cpu()
+
+@patch
+def after_train(self: Recorder):
+    t = torch.tensor([float(self._loss), float(self._n)], dtype=torch.float64)
+    if self.learn.world_size > 1: t = _all_reduce_sum(t, self.learn.device)
+    self.row["train_loss"] = float(t[0] / max(t[1], 1))
+
+# %% ../nbs/06_training.ipynb #f4af5d2d
+@patch
+def after_validate(self: Recorder):
+    L = self.learn; sampler = getattr(L.dl, "sampler", None)
+    res = {}
+    if self._preds:
+        self.preds = gather_rows(torch.cat(self._preds), sampler=sampler, device=L.device)
+        self.targets = gather_rows(torch.cat(self._targets), sampler=sampler, device=L.device)
+        with torch.no_grad():
+            res["valid_loss"] = float(L.loss_func(self.preds.to(L.device), self.targets.to(L.device)))
+        self.preds, self.targets = self.preds.cpu(), self.targets.cpu()
+        probs, targs = torch.softmax(self.preds, 1).numpy(), self.targets.numpy()
+        for m in L.metrics: res[getattr(m, "__name__", type(m).__name__)] = float(m(probs, targs))
+    else:
+        t = torch.tensor([float(self._vloss), float(self._vn)], dtype=torch.float64)
+        if L.world_size > 1: t = _all_reduce_sum(t, L.device)
+        res["valid_loss"] = float(t[0] / max(t[1], 1))
+        self.preds = self.targets = None
+    self.valid_result = res
+
+# %% ../nbs/06_training.ipynb #e967da58
+@patch
+def after_epoch(self: Recorder):
+    L = self.learn
+    row = {"epoch": L.epoch, "train_loss": self.row.get("train_loss", float("nan"))}
+    if L.valid_dl is not None: row.update(self.valid_result)
+    row["lr"], row["time"] = self.row.get("lr"), round(time.perf_counter() - self._t0, 4)
+    L.history.append(row)
+
+# %% ../nbs/06_training.ipynb #9b12a433
+def _fmt_row(row: dict, n_epoch: int) -> str:
+    parts = [f"epoch {row['epoch'] + 1}/{n_epoch}"]
+    for k, v in row.items():
+        if k == "epoch": continue
+        parts.append(f"{k} {v:.3g}" if k == "lr" else f"{k} {v:.2f}s" if k == "time" else f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}")
+    return "  ".join(parts)
+
+# %% ../nbs/06_training.ipynb #380940f6
+class ProgressCallback(Callback):
+    "tqdm bars for training/validation passes and a one-line summary per epoch (rank 0 only)."
+    order, run_lr_find = 90, False
+    def __init__(self, *, refresh: float = 0.5, # seconds between loss updates on the bar
+                 summary: bool = True): # print one line per epoch
+        self.refresh, self.summary, self.bar = refresh, summary, None
+
+    def _open(self, what: str):
+        from tqdm.auto import tqdm
+        L = self.learn
+        if not L.is_main: return
+        desc = f"epoch {L.epoch + 1}/{L.n_epoch} {what}" if L.n_epoch else what
+        self.bar, self._last = tqdm(total=len(L.dl), desc=desc, leave=False, dynamic_ncols=True), time.perf_counter()
+
+    def before_train(self): self._open("train")
+    def before_validate(self): self._open("valid")
+
+    def after_batch(self):
+        if self.bar is None: return
+        self.bar.update(1)
+        if self.learn.training and time.perf_counter() - self._last > self.refresh:
+            self.bar.set_postfix(loss=f"{self.learn.recorder.train_loss:.4f}", refresh=False); self._last = time.perf_counter()
+
+    def _close(self):
+        if self.bar is not None: self.bar.close(); self.bar = None
+    after_train = after_validate = after_fit = _close
+
+    def after_epoch(self):
+        if self.summary and self.learn.is_main and self.learn.history:
+            from tqdm.auto import tqdm
+            tqdm.write(_fmt_row(self.learn.history[-1], self.learn.n_epoch))
+
+# %% ../nbs/06_training.ipynb #0489590e
+def _history_csv(rows: list[dict]) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO(); w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    w.writeheader(); w.writerows(rows)
+    return buf.getvalue()
+
+# %% ../nbs/06_training.ipynb #3f67e818
+def _cb_folder(cb) -> Path:
+    "The folder a file-writing callback writes to: its own `path`, else the Learner's."
+    d = cb.dir if cb.dir is not None else cb.learn.path
+    if d is None: raise DeepLenseError(f"{type(cb).__name__} needs a folder: pass path= to it or to the Learner.")
+    return Path(d)
+
+class HistoryLogger(Callback):
+    "Write `learn.history` to `<path>/history.csv` and `history.json` after every epoch (rank 0 only)."
+    order, run_lr_find = 85, False
+    def __init__(self, path: str | Path | None = None, # folder (default: `learn.path`)
+                 *, fname: str = "history"):
+        self.dir, self.fname = path, fname
+
+    folder = property(lambda self: _cb_folder(self), doc="Folder the history files are written to.")
+
+    def after_epoch(self):
+        if not self.learn.is_main: return
+        d = self.folder
+        atomic_write_text(d / f"{self.fname}.csv", _history_csv(self.learn.history))
+        atomic_write_text(d / f"{self.fname}.json", json.dumps(self.learn.history, indent=1) + "\n")
+
 # %% ../nbs/06_training.ipynb #3262a577
 def _to_device(b, device: torch.device):
     if isinstance(b, torch.Tensor): return b.to(device, non_blocking=True)
@@ -97,6 +245,7 @@ def find_bs(b) -> int:
         if n: return n
     return 0
 
+# %% ../nbs/06_training.ipynb #a1d948aa
 def _param_groups(model: nn.Module, wd: float) -> list[dict]:
     "Weight decay on weight matrices/kernels only: biases and norm scales (1-D parameters) get none."
     decay, no_decay = [], []
@@ -137,33 +286,6 @@ class Learner:
         self.add_cbs([Recorder(), *([ProgressCallback()] if progress else []),
                       *([DistributedCallback()] if self.world_size > 1 else []), *cbs])
 
-    # --- callbacks -----------------------------------------------------------------------------------------------
-    def add_cbs(self, cbs):
-        "Add callbacks (instances or classes); they become attributes by `name` (e.g. `learn.recorder`)."
-        for cb in cbs:
-            if isinstance(cb, type): cb = cb()
-            if not isinstance(cb, Callback): raise DeepLenseError(f"{cb!r} is not a Callback.")
-            if hasattr(type(self), cb.name) or not isinstance(getattr(self, cb.name, cb), Callback):
-                raise DeepLenseError(f"callback name {cb.name!r} clashes with a Learner attribute; rename {type(cb).__name__}.")
-            cb.learn = self; self.cbs.append(cb); setattr(self, cb.name, cb)
-        self.cbs.sort(key=lambda c: c.order)
-        return self
-
-    def remove_cbs(self, cbs):
-        "Remove callbacks (instances)."
-        for cb in cbs:
-            if cb in self.cbs: self.cbs.remove(cb)
-            if getattr(self, cb.name, None) is cb: delattr(self, cb.name)
-        return self
-
-    @contextlib.contextmanager
-    def added_cbs(self, cbs):
-        "Context manager: callbacks present only inside the block."
-        cbs = [cb() if isinstance(cb, type) else cb for cb in cbs]
-        self.add_cbs(cbs)
-        try: yield self
-        finally: self.remove_cbs(cbs)
-
     def __call__(self, event: str):
         "Fire `event` on every callback, in order."
         inner = event in _INNER
@@ -172,31 +294,65 @@ class Learner:
             if f is None or (inner and not (cb.run_train if self.training else cb.run_valid)): continue
             f()
 
-    # --- properties ----------------------------------------------------------------------------------------------
-    @property
-    def raw_model(self) -> nn.Module:
-        "The model without DDP / compile wrappers (what checkpoints hold)."
-        return unwrap_model(self.model)
-
-    @property
-    def is_main(self) -> bool:
-        "True on the process that logs and saves (rank 0)."
-        return self.rank == 0
-
-    def create_opt(self):
-        "Build the optimizer from `opt_func` with weight decay on weights only."
-        self.opt = self.opt_func(_param_groups(self.raw_model, self.wd), lr=self.lr)
-        return self.opt
-
-    def set_lr(self, lr: float):
-        "Set the learning rate of every parameter group (and `learn.lr`)."
-        self.lr = lr
-        if self.opt is not None:
-            for g in self.opt.param_groups: g["lr"] = lr
-
     def __repr__(self) -> str:
         return (f"Learner(model={type(self.raw_model).__name__}, opt={self.opt_func.__name__ if hasattr(self.opt_func, '__name__') else self.opt_func}, "
                 f"lr={self.lr:g}, cbs=[{', '.join(type(c).__name__ for c in self.cbs)}], device={self.device})")
+
+# %% ../nbs/06_training.ipynb #800adde2
+@patch
+def add_cbs(self: Learner, cbs):
+    "Add callbacks (instances or classes); they become attributes by `name` (e.g. `learn.recorder`)."
+    for cb in cbs:
+        if isinstance(cb, type): cb = cb()
+        if not isinstance(cb, Callback): raise DeepLenseError(f"{cb!r} is not a Callback.")
+        if hasattr(type(self), cb.name) or not isinstance(getattr(self, cb.name, cb), Callback):
+            raise DeepLenseError(f"callback name {cb.name!r} clashes with a Learner attribute; rename {type(cb).__name__}.")
+        cb.learn = self; self.cbs.append(cb); setattr(self, cb.name, cb)
+    self.cbs.sort(key=lambda c: c.order)
+    return self
+
+@patch
+def remove_cbs(self: Learner, cbs):
+    "Remove callbacks (instances)."
+    for cb in cbs:
+        if cb in self.cbs: self.cbs.remove(cb)
+        if getattr(self, cb.name, None) is cb: delattr(self, cb.name)
+    return self
+
+# %% ../nbs/06_training.ipynb #4a9f4f7a
+@patch
+@contextlib.contextmanager
+def added_cbs(self: Learner, cbs):
+    "Context manager: callbacks present only inside the block."
+    cbs = [cb() if isinstance(cb, type) else cb for cb in cbs]
+    self.add_cbs(cbs)
+    try: yield self
+    finally: self.remove_cbs(cbs)
+
+# %% ../nbs/06_training.ipynb #70ce0fd9
+@patch(as_prop=True)
+def raw_model(self: Learner) -> nn.Module:
+    "The model without DDP / compile wrappers (what checkpoints hold)."
+    return unwrap_model(self.model)
+
+@patch(as_prop=True)
+def is_main(self: Learner) -> bool:
+    "True on the process that logs and saves (rank 0)."
+    return self.rank == 0
+
+# %% ../nbs/06_training.ipynb #8f59da58
+@patch
+def create_opt(self: Learner):
+    "Build the optimizer from `opt_func` with weight decay on weights only."
+    self.opt = self.opt_func(_param_groups(self.raw_model, self.wd), lr=self.lr)
+    return self.opt
+
+@patch
+def set_lr(self: Learner, lr: float):
+    "Set the learning rate of every parameter group (and `learn.lr`)."
+    self.lr = lr
+    if self.opt is not None:
+        for g in self.opt.param_groups: g["lr"] = lr
 
 # %% ../nbs/06_training.ipynb #971fe0b4
 @patch
@@ -215,6 +371,7 @@ def _do_one_batch(self: Learner):
     self._with_events(lambda: self.opt.step(), "step", CancelStepException)
     self.opt.zero_grad(set_to_none=True)
 
+# %% ../nbs/06_training.ipynb #00c74236
 @patch
 def _all_batches(self: Learner):
     self.n_iter = len(self.dl)
@@ -234,6 +391,7 @@ def _do_validate(self: Learner, dl=None):
     self.model.eval()
     with torch.no_grad(): self._with_events(self._all_batches, "validate", CancelValidException)
 
+# %% ../nbs/06_training.ipynb #ec7a6f08
 @patch
 def _do_epoch(self: Learner):
     if hasattr(self.train_dl, "set_epoch"): self.train_dl.set_epoch(self.epoch)  # epoch-keyed loaders (simulation streams) resume exactly
@@ -246,6 +404,7 @@ def _do_fit(self: Learner):
     for self.epoch in range(self.start_epoch, self.n_epoch):
         self._with_events(self._do_epoch, "epoch", CancelEpochException)
 
+# %% ../nbs/06_training.ipynb #0c0c8481
 @patch
 def fit(self: Learner, epochs: int, # total number of epochs (a resumed run continues up to this many)
         *, lr: float | None = None, # peak learning rate (default `learn.lr`)
@@ -276,143 +435,6 @@ def predict(self: Learner, dl=None, # loader to predict on (default: the validat
     self._do_validate(dl)
     r = self.recorder
     return torch.softmax(r.preds.float(), 1).numpy(), r.targets.numpy()
-
-# %% ../nbs/06_training.ipynb #d19eeec9
-class Recorder(Callback):
-    "History rows (`learn.history`) and whole-set validation loss/metrics (`valid_result`, `preds`, `targets`)."
-    order, run_lr_find = -20, False
-
-    def before_fit(self): self.learn.history, self.learn.train_iter = [], 0
-
-    def before_epoch(self): self._t0, self.row = time.perf_counter(), {"epoch": self.learn.epoch}
-
-    def before_train(self):  # the loss sum stays on the device (no sync per batch) except on the CPU, where a float is cheapest
-        self._loss, self._n = (0.0 if self.learn.device.type == "cpu" else torch.zeros((), dtype=torch.float64, device=self.learn.device)), 0
-        self.row["lr"] = self.learn.opt.param_groups[0]["lr"] if self.learn.opt is not None else float("nan")
-
-    def before_validate(self):  # predictions stay on the device until the epoch's end: one copy to the CPU, no sync per batch
-        self._preds, self._targets, self._vn = [], [], 0
-        self._vloss = 0.0 if self.learn.device.type == "cpu" else torch.zeros((), dtype=torch.float64, device=self.learn.device)
-
-    def after_batch(self):
-        L = self.learn; bs = find_bs(L.xb)
-        if L.training:
-            if isinstance(self._loss, float): self._loss += L.loss.item() * bs
-            else: self._loss.add_(L.loss.detach(), alpha=bs)
-            self._n += bs; L.train_iter += 1
-            return
-        self._vn += bs
-        if L.loss_func is not None and len(L.yb):  # classifiers: the loss is recomputed on the whole set in after_validate
-            self._preds.append(L.pred.detach().float()); self._targets.append(L.yb[0].detach())
-        elif isinstance(self._vloss, float): self._vloss += L.loss.item() * bs
-        else: self._vloss.add_(L.loss.detach(), alpha=bs)
-
-    @property
-    def train_loss(self) -> float:
-        "Mean training loss of the current epoch so far (on this process)."
-        return float(self._loss) / max(self._n, 1)
-
-    def after_train(self):
-        t = torch.tensor([float(self._loss), float(self._n)], dtype=torch.float64)
-        if self.learn.world_size > 1: t = _all_reduce_sum(t, self.learn.device)
-        self.row["train_loss"] = float(t[0] / max(t[1], 1))
-
-    def after_validate(self):
-        L = self.learn; sampler = getattr(L.dl, "sampler", None)
-        res = {}
-        if self._preds:
-            self.preds = gather_rows(torch.cat(self._preds), sampler=sampler, device=L.device)
-            self.targets = gather_rows(torch.cat(self._targets), sampler=sampler, device=L.device)
-            with torch.no_grad():
-                res["valid_loss"] = float(L.loss_func(self.preds.to(L.device), self.targets.to(L.device)))
-            self.preds, self.targets = self.preds.cpu(), self.targets.cpu()
-            probs, targs = torch.softmax(self.preds, 1).numpy(), self.targets.numpy()
-            for m in L.metrics: res[getattr(m, "__name__", type(m).__name__)] = float(m(probs, targs))
-        else:
-            t = torch.tensor([float(self._vloss), float(self._vn)], dtype=torch.float64)
-            if L.world_size > 1: t = _all_reduce_sum(t, L.device)
-            res["valid_loss"] = float(t[0] / max(t[1], 1))
-            self.preds = self.targets = None
-        self.valid_result = res
-
-    def after_epoch(self):
-        L = self.learn
-        row = {"epoch": L.epoch, "train_loss": self.row.get("train_loss", float("nan"))}
-        if L.valid_dl is not None: row.update(self.valid_result)
-        row["lr"], row["time"] = self.row.get("lr"), round(time.perf_counter() - self._t0, 4)
-        L.history.append(row)
-
-def _all_reduce_sum(t: torch.Tensor, device) -> torch.Tensor:
-    dev = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = t.to(dev); dist.all_reduce(t); return t.cpu()
-
-# %% ../nbs/06_training.ipynb #9b12a433
-def _fmt_row(row: dict, n_epoch: int) -> str:
-    parts = [f"epoch {row['epoch'] + 1}/{n_epoch}"]
-    for k, v in row.items():
-        if k == "epoch": continue
-        parts.append(f"{k} {v:.3g}" if k == "lr" else f"{k} {v:.2f}s" if k == "time" else f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}")
-    return "  ".join(parts)
-
-class ProgressCallback(Callback):
-    "tqdm bars for training/validation passes and a one-line summary per epoch (rank 0 only)."
-    order, run_lr_find = 90, False
-    def __init__(self, *, refresh: float = 0.5, # seconds between loss updates on the bar
-                 summary: bool = True): # print one line per epoch
-        self.refresh, self.summary, self.bar = refresh, summary, None
-
-    def _open(self, what: str):
-        from tqdm.auto import tqdm
-        L = self.learn
-        if not L.is_main: return
-        desc = f"epoch {L.epoch + 1}/{L.n_epoch} {what}" if L.n_epoch else what
-        self.bar, self._last = tqdm(total=len(L.dl), desc=desc, leave=False, dynamic_ncols=True), time.perf_counter()
-
-    def before_train(self): self._open("train")
-    def before_validate(self): self._open("valid")
-
-    def after_batch(self):
-        if self.bar is None: return
-        self.bar.update(1)
-        if self.learn.training and time.perf_counter() - self._last > self.refresh:
-            self.bar.set_postfix(loss=f"{self.learn.recorder.train_loss:.4f}", refresh=False); self._last = time.perf_counter()
-
-    def _close(self):
-        if self.bar is not None: self.bar.close(); self.bar = None
-    after_train = after_validate = after_fit = _close
-
-    def after_epoch(self):
-        if self.summary and self.learn.is_main and self.learn.history:
-            from tqdm.auto import tqdm
-            tqdm.write(_fmt_row(self.learn.history[-1], self.learn.n_epoch))
-
-# %% ../nbs/06_training.ipynb #0489590e
-def _history_csv(rows: list[dict]) -> str:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO(); w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-    w.writeheader(); w.writerows(rows)
-    return buf.getvalue()
-
-def _cb_folder(cb) -> Path:
-    "The folder a file-writing callback writes to: its own `path`, else the Learner's."
-    d = cb.dir if cb.dir is not None else cb.learn.path
-    if d is None: raise DeepLenseError(f"{type(cb).__name__} needs a folder: pass path= to it or to the Learner.")
-    return Path(d)
-
-class HistoryLogger(Callback):
-    "Write `learn.history` to `<path>/history.csv` and `history.json` after every epoch (rank 0 only)."
-    order, run_lr_find = 85, False
-    def __init__(self, path: str | Path | None = None, # folder (default: `learn.path`)
-                 *, fname: str = "history"):
-        self.dir, self.fname = path, fname
-
-    folder = property(lambda self: _cb_folder(self), doc="Folder the history files are written to.")
-
-    def after_epoch(self):
-        if not self.learn.is_main: return
-        d = self.folder
-        atomic_write_text(d / f"{self.fname}.csv", _history_csv(self.learn.history))
-        atomic_write_text(d / f"{self.fname}.json", json.dumps(self.learn.history, indent=1) + "\n")
 
 # %% ../nbs/06_training.ipynb #217ab9d0
 class DivergenceError(DeepLenseError):
@@ -453,6 +475,7 @@ def _cb_keys(cbs) -> dict:
         out[n if i == 0 else f"{n}_{i}"] = cb
     return out
 
+# %% ../nbs/06_training.ipynb #16e2878d
 def _resume_path(resume) -> Path:
     p = Path(resume)
     if p.is_dir(): p = p / "last.ckpt"
@@ -463,6 +486,7 @@ def _versions() -> dict:
     from deeplense_nb import __version__
     return {"deeplense_nb": __version__, "torch": torch.__version__}
 
+# %% ../nbs/06_training.ipynb #c9eda677
 @patch(as_prop=True)
 def config_dict(self: Learner) -> dict | None:
     "The experiment config as a JSON-able dict."
@@ -474,6 +498,7 @@ def _ckpt_path(self: Learner, path) -> Path:
     if not p.is_absolute() and self.path is not None and p.parent == Path("."): p = self.path / p
     return p
 
+# %% ../nbs/06_training.ipynb #b71df45f
 @patch
 def save(self: Learner, path: str | Path, # file name (relative names go into `learn.path`)
          **meta, # extra JSON-able metadata
@@ -489,6 +514,7 @@ def save(self: Learner, path: str | Path, # file name (relative names go into `l
              "rng": get_rng_state(self.train_dl)}
     return save_checkpoint(self._ckpt_path(path), m.state_dict(), meta=meta, state=state)
 
+# %% ../nbs/06_training.ipynb #15703ff8
 @patch
 def load_state(self: Learner, ck: dict | str | Path, # `load_checkpoint` output or a checkpoint path
               ):
@@ -509,6 +535,7 @@ def load_state(self: Learner, ck: dict | str | Path, # `load_checkpoint` output 
     set_rng_state(state["rng"], self.train_dl)
     return self
 
+# %% ../nbs/06_training.ipynb #9df2dfcc
 @patch
 def load(self: Learner, path: str | Path, # checkpoint file (relative names are looked up in `learn.path`)
          *, with_opt: bool = True, # also restore the optimizer state
@@ -538,6 +565,7 @@ def _monitored(learn, monitor: str, who: str):
         raise DeepLenseError(f"{who}: monitor {monitor!r} is not in the history; available: {', '.join(k for k in row if k not in ('epoch', 'lr', 'time'))}.")
     return row[monitor]
 
+# %% ../nbs/06_training.ipynb #cf71a1d7
 class SaveCheckpoint(Callback):
     "Save `last.ckpt` every epoch and `best.ckpt` when `monitor` improves (atomically; rank 0 only)."
     order, run_lr_find = 80, False
@@ -554,31 +582,35 @@ class SaveCheckpoint(Callback):
         self.best, self.best_epoch = None, None
         if self.learn.is_main: remove_stale_tmp(self.folder)  # what a killed write left behind
 
-    def after_epoch(self):
-        L = self.learn; v = _monitored(L, self.monitor, "SaveCheckpoint")
-        improved = _improved(v, self.best, self.mode)
-        if improved: self.best, self.best_epoch = v, L.epoch
-        if not L.is_main: return
-        best = {"monitor": self.monitor, "value": self.best, "epoch": self.best_epoch}
-        if self.last: L.save(self.folder / "last.ckpt", best=best)
-        if improved and self.best_file:
-            if self.last: atomic_write(self.folder / "best.ckpt", lambda tmp: shutil.copyfile(self.folder / "last.ckpt", tmp))  # the same bytes: write once
-            else: L.save(self.folder / "best.ckpt", best=best)
-
     def state_dict(self): return {"best": self.best, "best_epoch": self.best_epoch}
     def load_state_dict(self, s):
         self.best, self.best_epoch = s["best"], s["best_epoch"]
         if self.learn.is_main and self.best_file: self._repair_best(self.learn._resume)
 
-    def _repair_best(self, ck):
-        "On resume, make best.ckpt the epoch this state calls best: copy the resumed checkpoint when a kill came between the writes."
-        best = self.folder / "best.ckpt"
-        have = checkpoint_meta(best).get("epoch") if best.is_file() else None
-        if self.best_epoch is None or have == self.best_epoch: return
-        if ck is not None and ck["meta"].get("epoch") == self.best_epoch and Path(ck["path"]).resolve() != best.resolve():
-            atomic_write(best, lambda tmp: shutil.copyfile(ck["path"], tmp)); return
-        raise CheckpointError(f"{best} holds epoch {have} but the resumed run's best epoch is {self.best_epoch}, and that "
-                              "epoch's weights are gone; resume with --overwrite to start again, or restore best.ckpt.")
+# %% ../nbs/06_training.ipynb #e74a8227
+@patch
+def after_epoch(self: SaveCheckpoint):
+    L = self.learn; v = _monitored(L, self.monitor, "SaveCheckpoint")
+    improved = _improved(v, self.best, self.mode)
+    if improved: self.best, self.best_epoch = v, L.epoch
+    if not L.is_main: return
+    best = {"monitor": self.monitor, "value": self.best, "epoch": self.best_epoch}
+    if self.last: L.save(self.folder / "last.ckpt", best=best)
+    if improved and self.best_file:
+        if self.last: atomic_write(self.folder / "best.ckpt", lambda tmp: shutil.copyfile(self.folder / "last.ckpt", tmp))  # the same bytes: write once
+        else: L.save(self.folder / "best.ckpt", best=best)
+
+# %% ../nbs/06_training.ipynb #3286743f
+@patch
+def _repair_best(self: SaveCheckpoint, ck):
+    "On resume, make best.ckpt the epoch this state calls best: copy the resumed checkpoint when a kill came between the writes."
+    best = self.folder / "best.ckpt"
+    have = checkpoint_meta(best).get("epoch") if best.is_file() else None
+    if self.best_epoch is None or have == self.best_epoch: return
+    if ck is not None and ck["meta"].get("epoch") == self.best_epoch and Path(ck["path"]).resolve() != best.resolve():
+        atomic_write(best, lambda tmp: shutil.copyfile(ck["path"], tmp)); return
+    raise CheckpointError(f"{best} holds epoch {have} but the resumed run's best epoch is {self.best_epoch}, and that "
+                          "epoch's weights are gone; resume with --overwrite to start again, or restore best.ckpt.")
 
 # %% ../nbs/06_training.ipynb #b0497756
 class DistributedCallback(Callback):
