@@ -263,6 +263,46 @@ def _learner(cfg: TrainConfig, dls, dev, out: Path, cbs, progress: bool) -> Lear
                                               "preprocess": {**(dls.preprocess or {}), "resize": cfg.resize, "resize_mode": cfg.resize_mode},
                                               "in_chans": dls.in_chans, "img_size": getattr(dls, "img_size", None)})
 
+# %% ../nbs/06b_classify.ipynb #ccc6b345
+def _dataloaders(data, cfg: TrainConfig, dev: torch.device, world: int):
+    "Seed everything, then the loaders `cfg` asks for (data held on the device only in a single process)."
+    if world > 1 and cfg.device_data == "on": raise DeepLenseError("device_data=\"on\" holds all the data in one process; under torchrun use auto or off.")
+    dd = cfg.device_data if world == 1 else "off"  # DDP shards a BatchLoader; device-resident loaders are single-process
+    seed_everything(cfg.seed, deterministic=cfg.deterministic)
+    if dev.type == "cuda" and not cfg.deterministic: torch.backends.cudnn.benchmark = True  # fixed-size batches: cuDNN times its convolution algorithms once, keeps the fastest
+    return get_dataloaders(data, task=TASKS.get(cfg.task) if cfg.task else None, batch_size=cfg.batch_size,
+                           val_frac=cfg.val_frac, seed=cfg.seed, augment=_augment(cfg.augment, cfg.seed), num_workers=cfg.num_workers,
+                           balance=cfg.balance, subset=cfg.subset, device=dev if dd != "off" else None, device_data=dd,
+                           folds=cfg.folds, fold=cfg.fold, on_error=cfg.on_error,
+                           epoch_size=cfg.epoch_size, normalize=cfg.normalize)
+
+# %% ../nbs/06b_classify.ipynb #2282fbae
+def _validation_note(dls, cfg: TrainConfig) -> str:
+    "How the run validates (`_split_note`), and a warning when its augmentation is a Python module."
+    note = _split_note(dls, cfg)
+    if isinstance(cfg.augment, nn.Module): note += "; the augmentation is a Python module, recorded by its repr only (not rebuildable from config.json)"
+    return note
+
+# %% ../nbs/06b_classify.ipynb #24e5663d
+def _start_run(out: Path, cfg: TrainConfig, note: str, existing: list[str], ck: Path | None, *, resume: bool, overwrite: bool) -> bool:
+    "On the main process, before training: say how the run validates, remove the run files `overwrite` replaces, write config.json; True when `out` is new."
+    print(f"deeplense train: {note}." + (f" No checkpoint in {out} yet: starting from scratch." if resume and ck is None else ""))
+    for n in existing if overwrite else (): (out / n).unlink(missing_ok=True)
+    new_dir = not out.exists()
+    out.mkdir(parents=True, exist_ok=True); atomic_write_text(out / "config.json", cfg.to_json() + "\n")
+    return new_dir
+
+# %% ../nbs/06b_classify.ipynb #a86e9282
+def _fit(learn: Learner, cfg: TrainConfig, ck: Path | None, out: Path, existing: list[str], new_dir: bool):
+    "Train for `cfg.epochs` (resuming from `ck`); a start that fails before its first checkpoint removes the config.json (and folder) it made."
+    try: learn.fit(cfg.epochs, resume=ck)
+    except BaseException:  # failed before its first checkpoint: take back what this start wrote, so a plain rerun is not refused
+        if learn.is_main and "config.json" not in existing and not (out / "last.ckpt").exists():
+            (out / "config.json").unlink(missing_ok=True)
+            if new_dir:
+                with contextlib.suppress(OSError): out.rmdir()
+        raise
+
 # %% ../nbs/06b_classify.ipynb #0346f4fc
 def train_classifier(data, # dataset folder (real or simulated layout) or packed store
                      *, out: str | Path = "runs/run", # run folder for checkpoints, history and metrics.json
@@ -277,32 +317,13 @@ def train_classifier(data, # dataset folder (real or simulated layout) or packed
     cfg, out = _config(data, kw), Path(out)
     existing = _check_out(out, resume=resume, overwrite=overwrite, data=data)
     dev, rank, world = init_distributed(device)
-    if world > 1 and cfg.device_data == "on": raise DeepLenseError("device_data=\"on\" holds all the data in one process; under torchrun use auto or off.")
-    dd = cfg.device_data if world == 1 else "off"  # DDP shards a BatchLoader; device-resident loaders are single-process
-    seed_everything(cfg.seed, deterministic=cfg.deterministic)
-    if dev.type == "cuda" and not cfg.deterministic: torch.backends.cudnn.benchmark = True  # fixed-size batches: cuDNN times its convolution algorithms once, keeps the fastest
-    dls = get_dataloaders(data, task=TASKS.get(cfg.task) if cfg.task else None, batch_size=cfg.batch_size,
-                          val_frac=cfg.val_frac, seed=cfg.seed, augment=_augment(cfg.augment, cfg.seed), num_workers=cfg.num_workers,
-                          balance=cfg.balance, subset=cfg.subset, device=dev if dd != "off" else None, device_data=dd,
-                          folds=cfg.folds, fold=cfg.fold, on_error=cfg.on_error,
-                          epoch_size=cfg.epoch_size, normalize=cfg.normalize)
+    dls = _dataloaders(data, cfg, dev, world)
     learn = _learner(cfg, dls, dev, out, cbs, progress)
-    ck, note = (out / "last.ckpt" if resume and (out / "last.ckpt").is_file() else None), _split_note(dls, cfg)
-    if isinstance(cfg.augment, nn.Module): note += "; the augmentation is a Python module, recorded by its repr only (not rebuildable from config.json)"
+    ck, note = (out / "last.ckpt" if resume and (out / "last.ckpt").is_file() else None), _validation_note(dls, cfg)
     if ck is not None: _check_resumable(ck, cfg, learn.config)
-    if learn.is_main:
-        print(f"deeplense train: {note}." + (f" No checkpoint in {out} yet: starting from scratch." if resume and ck is None else ""))
-        for n in existing if overwrite else (): (out / n).unlink(missing_ok=True)
-        new_dir = not out.exists()
-        out.mkdir(parents=True, exist_ok=True); atomic_write_text(out / "config.json", cfg.to_json() + "\n")
+    new_dir = _start_run(out, cfg, note, existing, ck, resume=resume, overwrite=overwrite) if learn.is_main else False
     t0, start = time.perf_counter(), (checkpoint_meta(ck)["epoch"] if ck is not None else -1)
-    try: learn.fit(cfg.epochs, resume=ck)
-    except BaseException:  # failed before its first checkpoint: take back what this start wrote, so a plain rerun is not refused
-        if learn.is_main and "config.json" not in existing and not (out / "last.ckpt").exists():
-            (out / "config.json").unlink(missing_ok=True)
-            if new_dir:
-                with contextlib.suppress(OSError): out.rmdir()
-        raise
+    _fit(learn, cfg, ck, out, existing, new_dir)
     done = ck is not None and len(learn.history) == start + 1 and (out / "metrics.json").is_file()
     if done: return json.loads((out / "metrics.json").read_text())  # a finished run resumed: nothing trained, nothing rewritten
     metrics = _summary(learn, cfg, out, dls.classes, time.perf_counter() - t0) | {"validation": note}

@@ -10,6 +10,7 @@ import argparse, dataclasses, importlib, importlib.metadata, json, numbers, os, 
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Any, Sequence
+from fastcore.basics import patch
 from fastcore.docments import docments
 import numpy as np
 import torch
@@ -146,9 +147,6 @@ def _to_jsonable(v: Any) -> Any:
     return v
 
 # %% ../nbs/00_core.ipynb #546cf139
-_SIMPLE_TYPES = {"int": (numbers.Integral, "an integer"), "float": (numbers.Real, "a number"), "bool": (bool, "true or false"),
-                 "str": (str, "a string"), "None": (type(None), "null"), "dict": (dict, "an object"), "list": (list, "a list")}
-
 @dataclass
 class Config:
     "Base for dataclass configs that round-trip through dicts and JSON."
@@ -156,52 +154,59 @@ class Config:
         "A JSON-able dict of every field (nested configs included)."
         return {f.name: _to_jsonable(getattr(self, f.name)) for f in fields(self)}
 
-    @classmethod
-    def from_dict(cls, d: dict, *, strict: bool = True):
-        "Build from a dict; unknown keys raise (or are dropped with `strict=False`)."
-        if not isinstance(d, dict): raise ConfigError(f"{cls.__name__}: expected a JSON object of settings, got {type(d).__name__}.")
-        names = {f.name: f for f in fields(cls)}
-        unknown = set(d) - set(names)
-        if unknown and strict:
-            raise ConfigError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}; valid fields are {sorted(names)}")
-        kw = {}
-        for k, v in d.items():
-            if k not in names: continue
-            default = names[k].default_factory() if names[k].default_factory is not dataclasses.MISSING else names[k].default
-            if isinstance(default, Config) and isinstance(v, dict): v = type(default).from_dict(v, strict=strict)
-            elif isinstance(default, tuple) and isinstance(v, list): v = tuple(tuple(o) if isinstance(o, list) else o for o in v)
-            kw[k] = v
-        return cls(**kw)
-
-    @classmethod
-    def check_types(cls, d: dict, where: str = "") -> dict:
-        "`d` checked against the fields' simple annotated types (int, float, bool, str, None, dict, list; a bool is no number); a `ConfigError` names the setting. Other fields are not checked."
-        annos = {f.name: str(f.type).split(" | ") for f in fields(cls)}
-        for k, v in d.items():
-            names = annos.get(k, ["?"])
-            if any(n not in _SIMPLE_TYPES for n in names): continue
-            if not any(isinstance(v, _SIMPLE_TYPES[n][0]) and (n == "bool" or not isinstance(v, bool)) for n in names):
-                raise ConfigError(f"{where}{k}={v!r}: expected {' or '.join(_SIMPLE_TYPES[n][1] for n in names)}, got {type(v).__name__}.")
-        return d
-
     def replace(self, **kw):
         "A copy with some fields changed."
         return dataclasses.replace(self, **kw)
 
-    def to_json(self, path: str | Path | None = None, *, indent: int = 2) -> str:
-        "JSON text; also written to `path` (atomically) when given."
-        s = json.dumps(self.to_dict(), indent=indent, sort_keys=False)
-        if path is not None: atomic_write_text(path, s + "\n")
-        return s
+# %% ../nbs/00_core.ipynb #5153220e
+@patch(cls_method=True)
+def from_dict(cls: Config, d: dict, *, strict: bool = True):
+    "Build from a dict; unknown keys raise (or are dropped with `strict=False`)."
+    if not isinstance(d, dict): raise ConfigError(f"{cls.__name__}: expected a JSON object of settings, got {type(d).__name__}.")
+    names = {f.name: f for f in fields(cls)}
+    unknown = set(d) - set(names)
+    if unknown and strict:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}; valid fields are {sorted(names)}")
+    kw = {}
+    for k, v in d.items():
+        if k not in names: continue
+        default = names[k].default_factory() if names[k].default_factory is not dataclasses.MISSING else names[k].default
+        if isinstance(default, Config) and isinstance(v, dict): v = type(default).from_dict(v, strict=strict)
+        elif isinstance(default, tuple) and isinstance(v, list): v = tuple(tuple(o) if isinstance(o, list) else o for o in v)
+        kw[k] = v
+    return cls(**kw)
 
-    @classmethod
-    def from_json(cls, src: str | Path, *, strict: bool = True):
-        "Load from a JSON file path or a JSON string."
-        s = str(src)
-        text = Path(s).read_text() if not s.lstrip().startswith("{") else s
-        try: d = json.loads(text)
-        except json.JSONDecodeError as e: raise ConfigError(f"{s if s != text else 'JSON text'}: not valid JSON ({e}).") from None
-        return cls.from_dict(d, strict=strict)
+# %% ../nbs/00_core.ipynb #9d2111e9
+_SIMPLE_TYPES = {"int": (numbers.Integral, "an integer"), "float": (numbers.Real, "a number"), "bool": (bool, "true or false"),
+                 "str": (str, "a string"), "None": (type(None), "null"), "dict": (dict, "an object"), "list": (list, "a list")}
+
+@patch(cls_method=True)
+def check_types(cls: Config, d: dict, where: str = "") -> dict:
+    "`d` checked against the fields' simple annotated types (int, float, bool, str, None, dict, list; a bool is no number); a `ConfigError` names the setting. Other fields are not checked."
+    annos = {f.name: str(f.type).split(" | ") for f in fields(cls)}
+    for k, v in d.items():
+        names = annos.get(k, ["?"])
+        if any(n not in _SIMPLE_TYPES for n in names): continue
+        if not any(isinstance(v, _SIMPLE_TYPES[n][0]) and (n == "bool" or not isinstance(v, bool)) for n in names):
+            raise ConfigError(f"{where}{k}={v!r}: expected {' or '.join(_SIMPLE_TYPES[n][1] for n in names)}, got {type(v).__name__}.")
+    return d
+
+# %% ../nbs/00_core.ipynb #70b833a9
+@patch
+def to_json(self: Config, path: str | Path | None = None, *, indent: int = 2) -> str:
+    "JSON text; also written to `path` (atomically) when given."
+    s = json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+    if path is not None: atomic_write_text(path, s + "\n")
+    return s
+
+@patch(cls_method=True)
+def from_json(cls: Config, src: str | Path, *, strict: bool = True):
+    "Load from a JSON file path or a JSON string."
+    s = str(src)
+    text = Path(s).read_text() if not s.lstrip().startswith("{") else s
+    try: d = json.loads(text)
+    except json.JSONDecodeError as e: raise ConfigError(f"{s if s != text else 'JSON text'}: not valid JSON ({e}).") from None
+    return cls.from_dict(d, strict=strict)
 
 # %% ../nbs/00_core.ipynb #2433843c
 def pid_alive(pid: int) -> bool:
@@ -330,6 +335,7 @@ def find_rngs(obj, # a loader, sampler, transform or mixer
         if v is not None and not callable(getattr(type(obj), a, None)): rec(v, prefix if a == "base" else f"{prefix}.{a}")
     return out
 
+# %% ../nbs/00_core.ipynb #ddc84f48
 def _gen_state(g):
     return g.get_state() if isinstance(g, torch.Generator) else g.bit_generator.state
 
@@ -347,6 +353,7 @@ def set_rng_states(obj, states: dict):
     for k, s in states.items():
         if k in gens: _set_gen_state(gens[k], s)
 
+# %% ../nbs/00_core.ipynb #4892ea8e
 def get_rng_state(dl=None) -> dict:
     "RNG states of python, numpy, torch (CPU and CUDA) and of the generators in `dl` (shuffling, sampling, augmentation)."
     st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "loader": rng_states(dl)}

@@ -242,6 +242,7 @@ def _demo_data_matches(store: Path, cfg: dict, seed: int) -> bool:
     return bool(man) and man["preset"] == json.loads(get_preset(cfg["preset"]).to_json()) and man["seed"] == seed and \
         [sum(man["counts"][s].values()) for s in ("train", "val")] == [cfg["n_train"], cfg["n_val"]]
 
+# %% ../nbs/11_experiments.ipynb #f106107a
 def _check_demo_out(out: Path, data: Path, cfg: dict, seed: int, overwrite: bool) -> bool:
     "Refuse, before any work and unless `overwrite`, an `out` holding a demo's run or report, or a store of other settings; True when the store `data` can be reused."
     done = [str(p.relative_to(out)) for p in (out / "train" / "metrics.json", out / "report" / "metrics.json", *sorted(out.glob("train/*.ckpt"))) if p.exists()]
@@ -252,6 +253,40 @@ def _check_demo_out(out: Path, data: Path, cfg: dict, seed: int, overwrite: bool
         raise DeepLenseError(f"{data} is not a store of these demo settings; choose another --out or pass --overwrite to replace it.")
     return reuse
 
+# %% ../nbs/11_experiments.ipynb #eecd9a66
+def _demo_data(data: Path, cfg: dict, seed: int, dev, reuse: bool, say):
+    "Step 1/3: simulate the Task I store `data` (or reuse the one there)."
+    if reuse:
+        say(f"1/3 reusing the simulated Task I store {data}")
+    else:
+        t0 = time.time()
+        simulate_to_store(data, "task1", n_train=cfg["n_train"], n_val=cfg["n_val"], seed=seed, preset=cfg["preset"], device=dev,
+                          batch_size=cfg["sim_batch"], overwrite=True)
+        say(f"1/3 simulated {cfg['n_train']} + {cfg['n_val']} Model I images (preset {cfg['preset']}; no/sphere/vort) into {data} in {time.time() - t0:.0f}s")
+
+# %% ../nbs/11_experiments.ipynb #447907f8
+def _demo_train(out: Path, data: Path, cfg: dict, seed: int, dev, say) -> float:
+    "Step 2/3: train the demo's classifier into `out/train`; returns the training time in seconds."
+    t0 = time.time()
+    tm = train_classifier(data, task="substructure", model=cfg["model"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
+                          lr=cfg["lr"], out=out / "train", device=dev, seed=seed,
+                          overwrite=True)  # checked above: only what the caller asked to replace, or a start that never finished
+    train_time = time.time() - t0
+    say(f"2/3 trained {cfg['model']} for {cfg['epochs']} epochs in {train_time:.0f}s (best epoch {tm['best_epoch']}, val AUC {tm['roc_auc']:.4f})")
+    return train_time
+
+# %% ../nbs/11_experiments.ipynb #cf8a8038
+def _demo_report(out: Path, data: Path, cfg: dict, dev, train_time: float, say) -> dict:
+    "Step 3/3: evaluate the best checkpoint on the validation set and write the report into `out/report`; returns its metrics."
+    rep = evaluate(out / "train" / "best.ckpt", data, split="val", device=dev, history=out / "train",
+                   info={"model": cfg["model"], "epochs": cfg["epochs"], "train_time_s": train_time, "demo": cfg})
+    rep.save(out / "report")
+    m = rep.metrics
+    say(f"3/3 evaluated on {len(rep.targets)} validation images: macro AUC {m['auc_macro']:.4f}, accuracy {m['accuracy']:.4f}, "
+        f"per class {json.dumps({k: round(v, 4) for k, v in m['auc_per_class'].items()})}")
+    return m
+
+# %% ../nbs/11_experiments.ipynb #1be10e5d
 def run_demo(out: str | Path = "demo_out", *, device: str = "auto", seed: int = 0,
              overwrite: bool = False, # replace the run, report and (when its settings differ) the store already in `out`
              **overrides) -> dict:
@@ -264,25 +299,9 @@ def run_demo(out: str | Path = "demo_out", *, device: str = "auto", seed: int = 
     say = lambda s: print(f"[demo {time.time() - t_all:6.0f}s] {s}", flush=True)
     info = env_info(dev)
     say(f"deeplense_nb {info['deeplense_nb']}, torch {info['torch']}, device {info['device']}; settings {cfg}")
-    if reuse:
-        say(f"1/3 reusing the simulated Task I store {data}")
-    else:
-        t0 = time.time()
-        simulate_to_store(data, "task1", n_train=cfg["n_train"], n_val=cfg["n_val"], seed=seed, preset=cfg["preset"], device=dev,
-                          batch_size=cfg["sim_batch"], overwrite=True)
-        say(f"1/3 simulated {cfg['n_train']} + {cfg['n_val']} Model I images (preset {cfg['preset']}; no/sphere/vort) into {data} in {time.time() - t0:.0f}s")
-    t0 = time.time()
-    tm = train_classifier(data, task="substructure", model=cfg["model"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
-                          lr=cfg["lr"], out=out / "train", device=dev, seed=seed,
-                          overwrite=True)  # checked above: only what the caller asked to replace, or a start that never finished
-    train_time = time.time() - t0
-    say(f"2/3 trained {cfg['model']} for {cfg['epochs']} epochs in {train_time:.0f}s (best epoch {tm['best_epoch']}, val AUC {tm['roc_auc']:.4f})")
-    rep = evaluate(out / "train" / "best.ckpt", data, split="val", device=dev, history=out / "train",
-                   info={"model": cfg["model"], "epochs": cfg["epochs"], "train_time_s": train_time, "demo": cfg})
-    rep.save(out / "report")
-    m = rep.metrics
-    say(f"3/3 evaluated on {len(rep.targets)} validation images: macro AUC {m['auc_macro']:.4f}, accuracy {m['accuracy']:.4f}, "
-        f"per class {json.dumps({k: round(v, 4) for k, v in m['auc_per_class'].items()})}")
+    _demo_data(data, cfg, seed, dev, reuse, say)
+    train_time = _demo_train(out, data, cfg, seed, dev, say)
+    m = _demo_report(out, data, cfg, dev, train_time, say)
     say(f"report: {out / 'report' / 'report.md'} (metrics.json, roc.png, confusion_matrix.png, history.png); total {time.time() - t_all:.0f}s")
     return m
 
