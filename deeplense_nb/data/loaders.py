@@ -272,6 +272,43 @@ def _sim_dataloaders(data: str, *, task, batch_size: int, seed: int, augment, de
     return DataLoaders(train=train, valid=valid, test=None, classes=list(p.classes), in_chans=valid.dataset.in_chans,
                        img_size=p.npix, task=task, source=data, preprocess=spec)
 
+# %% ../../nbs/035_data.loaders.ipynb #41bb49f7
+def _check_settings(task, on_error, normalize, balance) -> None:
+    "Refuse an unknown task, on_error or normalize setting, and a balance that is not None, 'weighted' or a ratio in (0, 1]."
+    check_choice("task", task, TASKS, error=DataError); check_choice("on_error", on_error, ("raise", "skip"), error=DataError)
+    check_choice("normalize", normalize, _NORMALIZE, error=DataError)
+    if balance is not None and balance != "weighted" and (isinstance(balance, bool) or not isinstance(balance, (int, float)) or not 0 < balance <= 1):
+        raise DataError(f"balance={balance!r}: expected None, 'weighted' or a minority:majority ratio in (0, 1] (e.g. 0.2 for 1:5).")
+
+# %% ../../nbs/035_data.loaders.ipynb #cc209021
+def _subset_and_spec(parts: tuple, subset, normalize: str | None, seed: int) -> tuple[tuple, dict]:
+    "The (train, valid, test) `parts` cut to a stratified `subset` of each (when given), and their preprocessing spec."
+    train, valid, test = parts
+    if subset is not None:
+        train, valid = (d.subset(stratified_subset(d.labels, subset, seed=seed)) for d in (train, valid))
+        if test is not None: test = test.subset(stratified_subset(test.labels, subset, seed=seed))
+    spec = {"normalize": normalize}
+    if normalize == "standardize":   # the training part's statistics, recorded so that evaluation applies the same
+        st = dataset_stats(train); spec.update(mean=st["mean"].tolist(), std=st["std"].tolist())
+    return (train, valid, test), spec
+
+# %% ../../nbs/035_data.loaders.ipynb #140d2591
+def _part_loaders(parts: tuple, labelled: bool, *, balance, batch_size: int, num_workers: int, seed: int, augment, post,
+                  dev, device_data: str, drop_last: bool) -> tuple:
+    "Train / valid / test loaders of the (train, valid, test) `parts` (test may be None), `post` applied to every batch."
+    train, valid, test = parts
+    sampler = None
+    if balance is not None:
+        if not labelled: raise DataError("balance needs labelled data; these data are unlabelled.")
+        sampler = weighted_sampler(train.labels, ratio=1.0 if balance == "weighted" else float(balance), seed=seed)
+    last, held = drop_last and len(train) > batch_size, _resident(device_data, parts, dev)
+    if held is not None:
+        return _device_loaders(parts, held, batch_size=batch_size, seed=seed, augment=augment, post=post, sampler=sampler, drop_last=last)
+    aug = default_augment(seed=seed) if augment is True else (augment or None)
+    kw = dict(batch_size=batch_size, num_workers=num_workers, device=dev, seed=seed)
+    tr = BatchLoader(train, shuffle=True, sampler=sampler, drop_last=last, batch_tfm=_compose(aug, post), **kw)
+    return tr, BatchLoader(valid, batch_tfm=post, **kw), None if test is None else BatchLoader(test, batch_tfm=post, **kw)
+
 # %% ../../nbs/035_data.loaders.ipynb #aea5eced
 def get_dataloaders(data: str | os.PathLike, # dataset folder (real or simulated layout) or packed store
                     *, task: str | None = None, # None, "substructure" or "lens-finding" (checks the classes)
@@ -295,10 +332,7 @@ def get_dataloaders(data: str | os.PathLike, # dataset folder (real or simulated
                     device_data: str = "off", # "on": hold every part on `device` (`DeviceLoader`); "auto": when it fits (`use_device_data`)
                    ) -> DataLoaders:
     "Train / valid / test loaders for a dataset folder or packed store, with the splits the DeepLense tasks use."
-    check_choice("task", task, TASKS, error=DataError); check_choice("on_error", on_error, ("raise", "skip"), error=DataError)
-    check_choice("normalize", normalize, _NORMALIZE, error=DataError)
-    if balance is not None and balance != "weighted" and (isinstance(balance, bool) or not isinstance(balance, (int, float)) or not 0 < balance <= 1):
-        raise DataError(f"balance={balance!r}: expected None, 'weighted' or a minority:majority ratio in (0, 1] (e.g. 0.2 for 1:5).")
+    _check_settings(task, on_error, normalize, balance)
     dev = get_device(device) if device is not None else None
     if is_sim_source(data):
         return _sim_dataloaders(data, task=task, batch_size=batch_size, seed=seed, augment=augment, device=dev,
@@ -309,25 +343,8 @@ def get_dataloaders(data: str | os.PathLike, # dataset folder (real or simulated
     full = (PackedDataset(data, in_memory=in_memory) if store else
             open_dataset(data, on_error=on_error, allow_pickle=allow_pickle, layout=layout))
     _check_task(task, full, data)
-    train, valid, test = _parts(full, val_frac, seed, folds, fold)
-    if subset is not None:
-        train, valid = (d.subset(stratified_subset(d.labels, subset, seed=seed)) for d in (train, valid))
-        if test is not None: test = test.subset(stratified_subset(test.labels, subset, seed=seed))
-    spec = {"normalize": normalize}
-    if normalize == "standardize":   # the training part's statistics, recorded so that evaluation applies the same
-        st = dataset_stats(train); spec.update(mean=st["mean"].tolist(), std=st["std"].tolist())
-    post = preprocessing(spec)
-    sampler = None
-    if balance is not None:
-        if not full.classes: raise DataError("balance needs labelled data; these data are unlabelled.")
-        sampler = weighted_sampler(train.labels, ratio=1.0 if balance == "weighted" else float(balance), seed=seed)
-    parts, last, held = (train, valid, test), drop_last and len(train) > batch_size, _resident(device_data, (train, valid, test), dev)
-    if held is not None:
-        tr, va, te = _device_loaders(parts, held, batch_size=batch_size, seed=seed, augment=augment, post=post, sampler=sampler, drop_last=last)
-    else:
-        aug = default_augment(seed=seed) if augment is True else (augment or None)
-        kw = dict(batch_size=batch_size, num_workers=num_workers, device=dev, seed=seed)
-        tr = BatchLoader(train, shuffle=True, sampler=sampler, drop_last=last, batch_tfm=_compose(aug, post), **kw)
-        va, te = BatchLoader(valid, batch_tfm=post, **kw), None if test is None else BatchLoader(test, batch_tfm=post, **kw)
+    parts, spec = _subset_and_spec(_parts(full, val_frac, seed, folds, fold), subset, normalize, seed)
+    tr, va, te = _part_loaders(parts, bool(full.classes), balance=balance, batch_size=batch_size, num_workers=num_workers, seed=seed,
+                               augment=augment, post=preprocessing(spec), dev=dev, device_data=device_data, drop_last=drop_last)
     return DataLoaders(train=tr, valid=va, test=te, classes=list(full.classes), in_chans=full.in_chans, img_size=full.img_size,
                        task=task, source=str(data), preprocess=spec)
