@@ -280,6 +280,16 @@ def _check_settings(task, on_error, normalize, balance) -> None:
     if balance is not None and balance != "weighted" and (isinstance(balance, bool) or not isinstance(balance, (int, float)) or not 0 < balance <= 1):
         raise DataError(f"balance={balance!r}: expected None, 'weighted' or a minority:majority ratio in (0, 1] (e.g. 0.2 for 1:5).")
 
+# %% ../../nbs/035_data.loaders.ipynb #09fb0afd
+def _open_checked(data, *, task, device_data: str, in_memory: bool, on_error: str, allow_pickle: bool, layout) -> _Images:
+    "The whole dataset of a packed store or a dataset folder, checked against `task` (an unknown `device_data` refused first)."
+    store = _is_store(data)
+    check_choice("device_data", device_data, ("auto", "on", "off"), error=DataError)
+    full = (PackedDataset(data, in_memory=in_memory) if store else
+            open_dataset(data, on_error=on_error, allow_pickle=allow_pickle, layout=layout))
+    _check_task(task, full, data)
+    return full
+
 # %% ../../nbs/035_data.loaders.ipynb #cc209021
 def _subset_and_spec(parts: tuple, subset, normalize: str | None, seed: int) -> tuple[tuple, dict]:
     "The (train, valid, test) `parts` cut to a stratified `subset` of each (when given), and their preprocessing spec."
@@ -338,11 +348,8 @@ def get_dataloaders(data: str | os.PathLike, # dataset folder (real or simulated
         return _sim_dataloaders(data, task=task, batch_size=batch_size, seed=seed, augment=augment, device=dev,
                                 epoch_size=epoch_size, normalize=normalize, drop_last=drop_last)
     if epoch_size is not None: raise DataError(f"epoch_size applies to simulated sources (sim:<preset>), not to {data}.")
-    store = _is_store(data)
-    check_choice("device_data", device_data, ("auto", "on", "off"), error=DataError)
-    full = (PackedDataset(data, in_memory=in_memory) if store else
-            open_dataset(data, on_error=on_error, allow_pickle=allow_pickle, layout=layout))
-    _check_task(task, full, data)
+    full = _open_checked(data, task=task, device_data=device_data, in_memory=in_memory, on_error=on_error,
+                         allow_pickle=allow_pickle, layout=layout)
     parts, spec = _subset_and_spec(_parts(full, val_frac, seed, folds, fold), subset, normalize, seed)
     tr, va, te = _part_loaders(parts, bool(full.classes), balance=balance, batch_size=batch_size, num_workers=num_workers, seed=seed,
                                augment=augment, post=preprocessing(spec), dev=dev, device_data=device_data, drop_last=drop_last)

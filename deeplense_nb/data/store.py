@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 from tqdm import tqdm
+from fastcore.basics import patch
 from ..core import check_choice, fsync_dir, pid_alive
 from .files import (LAYOUTS, BadFileError, DataError, SkipReport, Skipped, StoreError, _check_values,
                                      _decode, _npy_header, _print_report)
@@ -199,6 +200,43 @@ def _commit_store(tmp: Path, out: Path, *, t0: float, files: list[str], labels, 
     fsync_dir(out.parent)
     return ix
 
+# %% ../../nbs/033_data.store.ipynb #f991ff14
+def _pack_paths(root: str | os.PathLike, out: str | os.PathLike) -> tuple[Path, Path]:
+    "`root` and `out` as absolute paths; refuses a store inside the dataset folder or one that contains it."
+    root, out = Path(root).expanduser().resolve(), Path(out).expanduser().resolve()
+    if out == root or root in out.parents:
+        raise DataError(f"The store {out} would be inside the dataset folder {root}; put it beside it, e.g. {root.parent / (root.name + '.packed')}.")
+    if out in root.parents: raise DataError(f"The store {out} would contain the dataset folder {root}; choose another path.")
+    return root, out
+
+# %% ../../nbs/033_data.store.ipynb #627f28da
+def _up_to_date(out: Path, root: Path, fp: str, progress: bool) -> dict | None:
+    "The index of the store at `out` when it matches the source fingerprint `fp`, else None; refuses an `out` that is not a store."
+    old = _try_index(out)
+    if old is not None and old.get("source", {}).get("fingerprint") == fp:
+        if progress: print(f"deeplense: {out} is up to date with {root} ({old['n']} images); nothing to do")
+        return old
+    if out.exists() and not (out.is_dir() and (_is_store(out) or not any(out.iterdir()))):
+        raise DataError(f"{out} exists and is not a packed store; refusing to replace it. Choose another --out or remove it.")
+    return None
+
+# %% ../../nbs/033_data.store.ipynb #15170ed1
+def _build_store(root: Path, out: Path, lay: Layout, keep: np.ndarray, shape: tuple, *, t0: float, fp: str, settings: dict,
+                 dtype: str, allow_pickle: bool, on_error: str, report: SkipReport, progress: bool, workers: int) -> dict:
+    "Pack the `keep` files of `lay` into a temporary folder, swap it into place as `out` and return its index; nothing is left behind on failure."
+    tmp = _store_tmp(out)
+    try:
+        rows, sums = _write_store(tmp, lay, np.flatnonzero(keep).tolist(), shape, dtype=dtype, allow_pickle=allow_pickle,
+                                  on_error=on_error, report=report, progress=progress, workers=workers)
+        if not rows: raise DataError(f"Nothing to pack in {root}: every file was skipped.\n{report}")
+        return _commit_store(tmp, out, t0=t0, files=[lay.files[r] for r in rows], labels=lay.labels[rows], splits=lay.splits[rows],
+                             split_names=list(lay.split_names), sha1s=sums, shape=list(shape), dtype=dtype, layout=lay.kind,
+                             classes=lay.classes, source={"root": str(root), "fingerprint": fp, "n_files": len(lay.files)},
+                             settings=settings, manifest=_read_manifest(root), skipped=report.to_json())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
 # %% ../../nbs/033_data.store.ipynb #6da2940f
 def pack(root: str | os.PathLike, # dataset folder (any supported layout)
          out: str | os.PathLike, # store folder to create; replaced atomically when the source changed
@@ -212,34 +250,16 @@ def pack(root: str | os.PathLike, # dataset folder (any supported layout)
     "Pack a dataset folder into one memory-mapped store (images, labels, splits, index); a no-op when the source is unchanged."
     t0 = time.time()
     check_choice("dtype", dtype, _PACK_DTYPES, error=DataError); check_choice("on_error", on_error, ("raise", "skip"), error=DataError)
-    root, out = Path(root).expanduser().resolve(), Path(out).expanduser().resolve()
-    if out == root or root in out.parents:
-        raise DataError(f"The store {out} would be inside the dataset folder {root}; put it beside it, e.g. {root.parent / (root.name + '.packed')}.")
-    if out in root.parents: raise DataError(f"The store {out} would contain the dataset folder {root}; choose another path.")
+    root, out = _pack_paths(root, out)
     lay = scan_layout(root, layout=layout, on_error=on_error)
     settings = {"store_version": _STORE_VERSION, "dtype": dtype, "on_error": on_error, "allow_pickle": allow_pickle, "layout": lay.kind}
     fp = _fingerprint(lay, settings)
-    old = _try_index(out)
-    if old is not None and old.get("source", {}).get("fingerprint") == fp:
-        if progress: print(f"deeplense: {out} is up to date with {root} ({old['n']} images); nothing to do")
-        return _result(out, old, True, t0)
-    if out.exists() and not (out.is_dir() and (_is_store(out) or not any(out.iterdir()))):
-        raise DataError(f"{out} exists and is not a packed store; refusing to replace it. Choose another --out or remove it.")
+    old = _up_to_date(out, root, fp, progress)
+    if old is not None: return _result(out, old, True, t0)
     report = SkipReport(lay.problems)
     keep, shape = _index_files(root, lay.files, allow_pickle=allow_pickle, on_error=on_error, report=report)
-    tmp = _store_tmp(out)
-    try:
-        rows, sums = _write_store(tmp, lay, np.flatnonzero(keep).tolist(), shape, dtype=dtype, allow_pickle=allow_pickle,
-                                  on_error=on_error, report=report, progress=progress,
-                                  workers=workers or min(4, os.cpu_count() or 1))
-        if not rows: raise DataError(f"Nothing to pack in {root}: every file was skipped.\n{report}")
-        ix = _commit_store(tmp, out, t0=t0, files=[lay.files[r] for r in rows], labels=lay.labels[rows], splits=lay.splits[rows],
-                           split_names=list(lay.split_names), sha1s=sums, shape=list(shape), dtype=dtype, layout=lay.kind,
-                           classes=lay.classes, source={"root": str(root), "fingerprint": fp, "n_files": len(lay.files)},
-                           settings=settings, manifest=_read_manifest(root), skipped=report.to_json())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    ix = _build_store(root, out, lay, keep, shape, t0=t0, fp=fp, settings=settings, dtype=dtype, allow_pickle=allow_pickle,
+                      on_error=on_error, report=report, progress=progress, workers=workers or min(4, os.cpu_count() or 1))
     res = _result(out, ix, False, t0)
     if progress:
         mb = (out / "images.bin").stat().st_size / 2 ** 20
@@ -265,36 +285,7 @@ class PackedDataset(_Images):
         self._mm, self._data = None, None
         self._src = np.arange(len(self._labels))  # store row of every internal position
         if split is not None: self.rows = np.flatnonzero(self._splits == check_choice("split", split, self.split_names, error=DataError))
-        if in_memory:
-            rows = self.rows
-            data = np.array(self._memmap()) if len(rows) == len(self._labels) else np.ascontiguousarray(self._memmap()[rows])
-            self._labels, self._splits, self._src = self._labels[rows], self._splits[rows], self._src[rows]
-            self.rows, self._mm, self._data = np.arange(len(rows)), None, data
-
-    def _memmap(self) -> np.memmap:
-        if self._mm is None:
-            self._mm = np.memmap(self.store / "images.bin", dtype=self.dtype, mode="r", shape=(int(self.index["n"]), *self.shape))
-        return self._mm
-
-    @property
-    def images(self) -> np.ndarray:
-        "The whole stored array (N, C, H, W), memory-mapped (or in RAM), in the stored dtype."
-        return self._data if self._data is not None else self._memmap()
-
-    @property
-    def files(self) -> list[str]:
-        "Source paths (relative to the packed folder) of the items, in order."
-        fl = self.index["files"]
-        return [fl[s]["path"] for s in self._src[self.rows]]
-
-    def _load(self, rows):
-        if self._data is not None: x = self._data[rows]
-        elif len(rows) > 1 and bool((np.diff(rows) < 0).any()):  # one gather in file order, then back to the requested order
-            o = np.argsort(rows, kind="stable"); x = np.empty((len(rows), *self.shape), self.dtype)
-            x[o] = self._memmap()[rows[o]]
-        else: x = np.asarray(self._memmap()[rows])
-        x = torch.from_numpy(np.ascontiguousarray(x))
-        return (x if x.dtype == torch.float32 else x.float()), torch.from_numpy(self._labels[rows])
+        if in_memory: self._hold_in_ram()
 
     def __getstate__(self):  # worker processes re-open the memmap instead of pickling the data
         d = self.__dict__.copy(); d["_mm"] = None
@@ -304,6 +295,45 @@ class PackedDataset(_Images):
         where = "in RAM" if self._data is not None else "memmap"
         return (f"PackedDataset({self.layout}: {len(self)} images {self.shape} {self.dtype} {where}, classes={self.classes}, "
                 f"splits={list(self.split_names)}, store={self.store.name})")
+
+# %% ../../nbs/033_data.store.ipynb #b1a5bf72
+@patch
+def _memmap(self: PackedDataset) -> np.memmap:
+    if self._mm is None:
+        self._mm = np.memmap(self.store / "images.bin", dtype=self.dtype, mode="r", shape=(int(self.index["n"]), *self.shape))
+    return self._mm
+
+@patch(as_prop=True)
+def images(self: PackedDataset) -> np.ndarray:
+    "The whole stored array (N, C, H, W), memory-mapped (or in RAM), in the stored dtype."
+    return self._data if self._data is not None else self._memmap()
+
+# %% ../../nbs/033_data.store.ipynb #1a652750
+@patch
+def _hold_in_ram(self: PackedDataset):
+    "Read the selected rows into RAM (`in_memory=True`); positions become 0..n-1 of that array."
+    rows = self.rows
+    data = np.array(self._memmap()) if len(rows) == len(self._labels) else np.ascontiguousarray(self._memmap()[rows])
+    self._labels, self._splits, self._src = self._labels[rows], self._splits[rows], self._src[rows]
+    self.rows, self._mm, self._data = np.arange(len(rows)), None, data
+
+# %% ../../nbs/033_data.store.ipynb #175a9470
+@patch(as_prop=True)
+def files(self: PackedDataset) -> list[str]:
+    "Source paths (relative to the packed folder) of the items, in order."
+    fl = self.index["files"]
+    return [fl[s]["path"] for s in self._src[self.rows]]
+
+# %% ../../nbs/033_data.store.ipynb #bad51d67
+@patch
+def _load(self: PackedDataset, rows):
+    if self._data is not None: x = self._data[rows]
+    elif len(rows) > 1 and bool((np.diff(rows) < 0).any()):  # one gather in file order, then back to the requested order
+        o = np.argsort(rows, kind="stable"); x = np.empty((len(rows), *self.shape), self.dtype)
+        x[o] = self._memmap()[rows[o]]
+    else: x = np.asarray(self._memmap()[rows])
+    x = torch.from_numpy(np.ascontiguousarray(x))
+    return (x if x.dtype == torch.float32 else x.float()), torch.from_numpy(self._labels[rows])
 
 # %% ../../nbs/033_data.store.ipynb #3c23d16d
 def _positive_int(s: str) -> int:
