@@ -21,7 +21,7 @@ from .data import augment_from_spec, class_weights, get_dataloaders
 from .data.transforms import RESIZE_MODES, Resize as ResizeImages
 from .models import create_model
 from .losses import get_loss
-from .training import (Callback, HistoryLogger, Learner, SaveCheckpoint, StopOnNonFinite, accuracy, dist_env,
+from .training import (Callback, HistoryLogger, Learner, SaveCheckpoint, StopOnNonFinite, accuracy, check_run_folder, dist_env,
                                    init_distributed, roc_auc)
 from . import callbacks as C
 
@@ -189,24 +189,6 @@ def _callbacks(cfg: TrainConfig, device: torch.device, num_classes: int) -> list
     if cfg.early_stop: cbs.append(C.EarlyStopping(monitor=cfg.monitor, patience=cfg.early_stop))
     return cbs
 
-# %% ../nbs/06b_classify.ipynb #8f6e805c
-_RUN_FILES = ("config.json", "metrics.json", "last.ckpt", "best.ckpt", "history.csv", "history.json")
-
-def _check_out(out: Path, *, resume: bool, overwrite: bool, data=None) -> list[str]:
-    "The run files already in `out`; refuses a finished run unless resuming or overwriting, and a run inside the `data` folder (nothing is touched)."
-    if resume and overwrite: raise DeepLenseError("choose resume (continue the run) or overwrite (start again), not both.")
-    if out.exists() and not out.is_dir(): raise DeepLenseError(f"--out {out} is a file, not a run folder; choose a folder name.")
-    d = Path(data).resolve() if isinstance(data, (str, Path)) and Path(data).is_dir() else None
-    if d is not None and (out.resolve() == d or d in out.resolve().parents):
-        raise DeepLenseError(f"--out {out} is inside the training data {data}; write the run to a folder outside it.")
-    found = [n for n in _RUN_FILES if (out / n).exists()] if out.is_dir() else []
-    if found and not (resume or overwrite):
-        raise DeepLenseError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it or "
-                             "--overwrite to start again.")
-    if resume and found and "last.ckpt" not in found and {"best.ckpt", "metrics.json"} & set(found):
-        raise DeepLenseError(f"{out} holds a run but no last.ckpt to resume from; pass --overwrite to start again.")
-    return found
-
 # %% ../nbs/06b_classify.ipynb #a167cd09
 def _check_resumable(ck: Path, cfg: TrainConfig, saved_now: dict):
     "Refuse to resume with another model, task, class list or image shape, before anything in the run folder changes."
@@ -315,7 +297,7 @@ def train_classifier(data, # dataset folder (real or simulated layout) or packed
                     ) -> dict:
     "Train a classifier on DeepLense data and write checkpoints, history and metrics.json into `out`; returns the metrics."
     cfg, out = _config(data, kw), Path(out)
-    existing = _check_out(out, resume=resume, overwrite=overwrite, data=data)
+    existing = check_run_folder(out, resume=resume, overwrite=overwrite, data=data)
     dev, rank, world = init_distributed(device)
     dls = _dataloaders(data, cfg, dev, world)
     learn = _learner(cfg, dls, dev, out, cbs, progress)

@@ -10,7 +10,8 @@ import argparse, inspect, json
 from dataclasses import dataclass, field
 from pathlib import Path
 from .core import DeepLenseError, atomic_write_text, given_settings, read_config_file
-from .classify import TrainConfig, train_classifier, _check_out, _cli_train as _cli_train_classifier
+from .classify import TrainConfig, train_classifier, _cli_train as _cli_train_classifier
+from .training import check_run_folder
 from .diffusion.train import train_diffusion
 from .pinn import TruthDataset
 from .checkpoint import save_model
@@ -95,14 +96,17 @@ def train_physics(data, # a simulated Task I folder (manifest.json + truth), wit
                   device: str = "auto", w_max: float = 1.0, k: float = 1.0, e0: float | None = None, # physics-weight schedule
                   truth_weight: float = 0.0, # weight of the Smooth-L1 loss on the simulator's lens parameters
                   model_kw: dict | None = None, # extra `create_pinn` settings (head_hidden, hidden, profile, ...)
+                  overwrite: bool = False, # replace the run already in `out` (else it is refused before any work)
                   progress: bool = False) -> dict:
     "Train a physics-informed model and its plain baseline on a simulated Task I folder; writes and returns metrics.json."
+    existing = check_run_folder(Path(out), resume=False, overwrite=overwrite, data=data)   # a finished run is never silently replaced
     train, valid = TruthDataset.from_folder(data, split="train"), TruthDataset.from_folder(data, split="val")
     res = compare_physics(train, valid, kinds=(kind,), backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr, wd=wd,
                           seed=seed, device=device, w_max=w_max, k=k, e0=e0, truth_weight=truth_weight, model_kw=model_kw,
                           n_boot=100, progress=progress)
     out, x = Path(out), train[0][0]
     out.mkdir(parents=True, exist_ok=True)
+    for n in existing: (out / n).unlink(missing_ok=True)   # only with overwrite
     info = {"classes": list(train.classes), "in_chans": int(x.shape[0]), "img_size": int(x.shape[-1])}
     cks = {n: str(save_model(out / f"{n}.ckpt", mdl, **info)) for n, mdl in res["models"].items()}  # for evaluate / predict / export
     m = {"kind": kind, "backbone": backbone, **physics_metrics(res), "checkpoints": cks, "config": _jsonable(res["config"])}
@@ -141,8 +145,8 @@ def _cli_train(p: argparse.ArgumentParser):
         kw = {**(read_config_file(a.config) if a.config else {}), **given_settings(TrainConfig, a)}
         data = kw.pop("data", None)
         if not data: raise DeepLenseError("--data is required (the training data), on the command line or in --config.")
-        _check_out(Path(a.out), resume=a.resume, overwrite=a.overwrite, data=data)   # a finished run is never silently replaced
         if a.resume: kw["resume"] = True   # a trainer that cannot resume refuses the setting by name
+        if a.overwrite: kw["overwrite"] = True   # every trainer refuses a finished run in --out otherwise
         run_recipe(a.recipe, data, out=a.out, device=a.device, progress=not a.no_progress, **kw)
         print(f"deeplense train: recipe {a.recipe} finished; results in {a.out}")
         return 0

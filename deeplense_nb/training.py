@@ -24,10 +24,10 @@ from .checkpoint import (CKPT_FORMAT, CheckpointError, _jsonable, build_model, c
                                      load_checkpoint, load_model, register_builder, remove_stale_tmp, save_checkpoint)
 
 # %% auto #0
-__all__ = ['EVENTS', 'CancelFitException', 'CancelEpochException', 'CancelTrainException', 'CancelValidException',
+__all__ = ['EVENTS', 'RUN_FILES', 'CancelFitException', 'CancelEpochException', 'CancelTrainException', 'CancelValidException',
            'CancelBatchException', 'CancelBackwardException', 'CancelStepException', 'Callback', 'Recorder',
            'ProgressCallback', 'HistoryLogger', 'unwrap_model', 'find_bs', 'Learner', 'DivergenceError',
-           'StopOnNonFinite', 'SaveCheckpoint', 'DistributedCallback']
+           'StopOnNonFinite', 'check_run_folder', 'SaveCheckpoint', 'DistributedCallback']
 
 # %% ../nbs/06_training.ipynb #68cb0edf
 class CancelFitException(Exception):      "Stop training now; `after_cancel_fit` and `after_fit` still fire."
@@ -548,6 +548,24 @@ def load(self: Learner, path: str | Path, # checkpoint file (relative names are 
         if self.opt is None: self.create_opt()
         self.opt.load_state_dict(ck["state"]["opt"])
     return self
+
+# %% ../nbs/06_training.ipynb #ef64a957
+RUN_FILES = ("config.json", "metrics.json", "last.ckpt", "best.ckpt", "history.csv", "history.json")
+
+def check_run_folder(out: Path, *, resume: bool, overwrite: bool, data=None) -> list[str]:
+    "The run files already in `out` (a `Path`); refuses a finished run unless resuming or overwriting, and a run inside the `data` folder (nothing is touched)."
+    if resume and overwrite: raise DeepLenseError("choose resume (continue the run) or overwrite (start again), not both.")
+    if out.exists() and not out.is_dir(): raise DeepLenseError(f"--out {out} is a file, not a run folder; choose a folder name.")
+    d = Path(data).resolve() if isinstance(data, (str, Path)) and Path(data).is_dir() else None
+    if d is not None and (out.resolve() == d or d in out.resolve().parents):
+        raise DeepLenseError(f"--out {out} is inside the training data {data}; write the run to a folder outside it.")
+    found = [n for n in RUN_FILES if (out / n).exists()] if out.is_dir() else []
+    if found and not (resume or overwrite):
+        raise DeepLenseError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it or "
+                             "--overwrite to start again.")
+    if resume and found and "last.ckpt" not in found and {"best.ckpt", "metrics.json"} & set(found):
+        raise DeepLenseError(f"{out} holds a run but no last.ckpt to resume from; pass --overwrite to start again.")
+    return found
 
 # %% ../nbs/06_training.ipynb #861bd843
 def _improved(v, best, mode: str, min_delta: float = 0.) -> bool:

@@ -95,6 +95,19 @@ def test_resume_continues_the_run(lenses, tmp_path):
     assert gd.history[0]["train_loss"] == pytest.approx(first.history[0]["train_loss"])
 
 
+def test_a_finished_run_is_never_silently_replaced(lenses, tmp_path):
+    "A second train_diffusion into the same folder is refused before any work; overwrite=True starts again."
+    train, _, _ = lenses
+    kw = dict(unet=TINY, timesteps=20, batch_size=16, device="cpu", progress=False, out=tmp_path / "run", epochs=1)
+    train_diffusion(train[:16], **kw)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()}
+    with pytest.raises(DeepLenseError, match="already holds a run"): train_diffusion(train[:16], **kw)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()} == before
+    with pytest.raises(DeepLenseError, match="not both"): train_diffusion(train[:16], resume=True, overwrite=True, **kw)
+    assert len(train_diffusion(train[:16], overwrite=True, seed=1, **kw).history) == 1
+    assert (tmp_path / "run" / "last.ckpt").read_bytes() != before["last.ckpt"]
+
+
 def test_conditional_training_and_guided_sampling(lenses):
     train, labels, _ = lenses
     gd = train_diffusion((train[:48], labels[:48]), unet=TINY, conditional=True, timesteps=50, epochs=1, batch_size=16,

@@ -1,6 +1,7 @@
 """Every named recipe parses and trains one tiny epoch; every training setting is reachable (CLI and Python)."""
 import json
 import pytest
+from deeplense_nb.core import DeepLenseError
 import torch
 from torch import nn
 from deeplense_nb.classify import train_classifier
@@ -80,3 +81,14 @@ def test_recipe_never_replaces_a_finished_run(name, tmp_path, capsys):
     out = tmp_path / "run"; out.mkdir(); (out / "metrics.json").write_text("{}")
     assert main(["train", "--recipe", name, "--data", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert "already holds a run" in capsys.readouterr().err and (out / "metrics.json").read_text() == "{}"
+    # --overwrite reaches the trainer, which then fails on the missing data: the old run is still there
+    assert main(["train", "--recipe", name, "--data", str(tmp_path / "none"), "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "none" in err and "no setting" not in err and (out / "metrics.json").read_text() == "{}", err
+
+def test_trainers_refuse_a_finished_run_through_the_api(tmp_path):
+    "train_physics (and train_diffusion, tests/test_diffusion.py) check the run folder first, as train_classifier does."
+    from deeplense_nb.recipes import train_physics
+    out = tmp_path / "run"; out.mkdir(); (out / "metrics.json").write_text("{}")
+    with pytest.raises(DeepLenseError, match="already holds a run"): train_physics(tmp_path / "none", out=out)
+    with pytest.raises(DeepLenseError, match="inside the training data"): train_physics(tmp_path, out=tmp_path / "sub", overwrite=True)

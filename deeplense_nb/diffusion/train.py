@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 from ..core import DeepLenseError, atomic_write_text, check_choice, get_device, seed_everything
 from ..data import get_dataloaders, stratified_subset
-from ..training import Learner, SaveCheckpoint, HistoryLogger
+from ..training import Learner, SaveCheckpoint, HistoryLogger, check_run_folder
 from ..callbacks import (EMA, ChannelsLast, CosineWarmup, GradientAccumulation, GradientClip, MixedPrecision,
                                   PlateauSchedule, TorchCompile)
 from .unet import UNet, UNetConfig
@@ -104,6 +104,38 @@ def _objective_for(xb: Tensor, classes: list[str], *, unet: UNetConfig | dict | 
     cfg = cfg.replace(in_chans=int(xb.shape[1]), num_classes=len(classes) if conditional else 0)
     return GaussianDiffusion(UNet(cfg), image_size=tuple(xb.shape[-2:]), classes=classes if conditional else (), **settings)
 
+# %% ../../nbs/08c_diffusion_train.ipynb #42399073
+def _data_objective(train_dl, classes: list[str], *, conditional: bool, **settings) -> GaussianDiffusion:
+    "The objective for `train_dl`'s batches (`_objective_for`), refusing `conditional=True` on unlabelled data."
+    xb, yb = _first_batch(train_dl)
+    if conditional and (yb is None or not classes):
+        raise DeepLenseError("conditional=True needs labelled data: pass (images, labels) or a labelled dataset folder")
+    return _objective_for(xb, classes, conditional=conditional, **settings)
+
+# %% ../../nbs/08c_diffusion_train.ipynb #28dfebb7
+def _run_config(gd: GaussianDiffusion, data, train: dict) -> dict:
+    "The run's config: the objective's `model_config` and the `train` settings, with the data's path (or type)."
+    return {"kind": "diffusion", "model_config": gd.model_config,
+            "train": {**train, "data": str(data) if isinstance(data, (str, Path)) else type(data).__name__}}
+
+def _run_folder(out, config: dict, cbs: list, stale: Sequence[str] = ()) -> tuple[Path | None, list]:
+    "`out` as a Path, its `stale` run files removed and `config` written to out/config.json; `cbs` with the checkpoint and history callbacks (no `out`: unchanged)."
+    if out is not None:
+        out = Path(out); cbs += [SaveCheckpoint(out, monitor="train_loss", best=False), HistoryLogger(out)]
+        for n in stale: (out / n).unlink(missing_ok=True)
+        atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    return out, cbs
+
+# %% ../../nbs/08c_diffusion_train.ipynb #5ff84295
+def _fit_ema(learn: Learner, epochs: int, out: Path | None, resume: bool) -> GaussianDiffusion:
+    "Fit `learn` (from out/last.ckpt when `resume` and it exists); its objective with the EMA weights and `.history`, in eval mode."
+    last = out / "last.ckpt" if out is not None else None
+    learn.fit(epochs, resume=last if resume and last is not None and last.is_file() else None)
+    gd = learn.raw_model
+    gd.load_state_dict(learn.ema.shadow)
+    gd.history = list(learn.history)
+    return gd.eval()
+
 # %% ../../nbs/08c_diffusion_train.ipynb #72694ae6
 def train_diffusion(data, # images `(N, C, H, W)` in [0, 1], `(images, labels)`, a DataLoader, or a dataset folder / packed store
                     *, unet: UNetConfig | dict | None = None, # architecture (in_chans and num_classes are set from the data)
@@ -134,40 +166,29 @@ def train_diffusion(data, # images `(N, C, H, W)` in [0, 1], `(images, labels)`,
                     num_workers: int = 0, # DataLoader workers (folders/stores)
                     progress: bool = True, # progress bars
                     resume: bool = False, # continue an interrupted run from out/last.ckpt (same epochs and batch size)
+                    overwrite: bool = False, # start again in an `out` that already holds a run (else it is refused before any work)
                     channels_last: bool | None = None, # channels-last model and batches (None: on CUDA)
                     compile: bool = False, # `torch.compile` the objective (UNet + loss) for training
                     cbs: Sequence = (), # extra Learner callbacks (e.g. EarlyStopping)
                    ) -> GaussianDiffusion:
     "Train a diffusion model with the package's `Learner` and return it with its EMA weights (and `.history`)."
     check_choice("schedule", schedule, SCHEDULES); check_choice("objective", objective, OBJECTIVES)
+    existing = check_run_folder(Path(out), resume=resume, overwrite=overwrite, data=data) if out is not None else []
     seed_everything(seed)
     train_dl, valid_dl, classes = diffusion_loaders(data, batch_size=batch_size, val_frac=val_frac, augment=augment,
                                                     seed=seed, num_workers=num_workers, subset=subset)
-    xb, yb = _first_batch(train_dl)
-    if conditional and (yb is None or not classes):
-        raise DeepLenseError("conditional=True needs labelled data: pass (images, labels) or a labelled dataset folder")
-    gd = _objective_for(xb, classes, unet=unet, conditional=conditional, timesteps=timesteps, schedule=schedule,
-                        objective=objective, ssim_weight=ssim_weight, p_uncond=p_uncond)
+    gd = _data_objective(train_dl, classes, unet=unet, conditional=conditional, timesteps=timesteps, schedule=schedule,
+                         objective=objective, ssim_weight=ssim_weight, p_uncond=p_uncond)
     dev = get_device(device)
     if dev.type == "cuda": torch.backends.cudnn.benchmark = True  # fixed-size batches: cuDNN times its convolution algorithms once, keeps the fastest
     plateau = {"monitor": "valid_loss" if valid_dl is not None else "train_loss", "patience": plateau_patience, "factor": plateau_factor}
     cbs, amp = _diffusion_cbs(dev, ema_decay=ema_decay, warmup=warmup, lr=lr, clip=clip, amp=amp, extra=cbs, compile=compile,
                               channels_last=dev.type == "cuda" if channels_last is None else channels_last,
                               sched=sched, plateau=plateau, grad_accum=grad_accum)
-    config = {"kind": "diffusion", "model_config": gd.model_config,
-              "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "wd": wd, "warmup": warmup,
-                        "ema_decay": ema_decay, "clip": clip, "amp": amp, "val_frac": val_frac, "seed": seed,
-                        "sched": sched, "plateau_patience": plateau_patience, "plateau_factor": plateau_factor,
-                        "grad_accum": grad_accum, "subset": subset,
-                        "data": str(data) if isinstance(data, (str, Path)) else type(data).__name__}}
-    if out is not None:
-        out = Path(out); cbs += [SaveCheckpoint(out, monitor="train_loss", best=False), HistoryLogger(out)]
-        atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    config = _run_config(gd, data, dict(epochs=epochs, batch_size=batch_size, lr=lr, wd=wd, warmup=warmup, ema_decay=ema_decay,
+                                        clip=clip, amp=amp, val_frac=val_frac, seed=seed, sched=sched, plateau_patience=plateau_patience,
+                                        plateau_factor=plateau_factor, grad_accum=grad_accum, subset=subset))
+    out, cbs = _run_folder(out, config, cbs, stale=existing if overwrite else ())
     learn = Learner(gd, train_dl, valid_dl, loss_func=None, lr=lr, wd=wd, cbs=cbs, device=dev, config=config,
                     path=out, progress=progress)
-    last = out / "last.ckpt" if out is not None else None
-    learn.fit(epochs, resume=last if resume and last is not None and last.is_file() else None)
-    gd = learn.raw_model
-    gd.load_state_dict(learn.ema.shadow)
-    gd.history = list(learn.history)
-    return gd.eval()
+    return _fit_ema(learn, epochs, out, resume)
