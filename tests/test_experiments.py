@@ -29,6 +29,9 @@ def test_experiment_quick(name, tmp_path, cli, cache):
     assert pngs, "figures are written"
     for p in pngs[:6]:
         img = imread(p); assert img.ndim == 3 and img.std() > 0, p
+    if name in ("lens-finding", "diffusion"):   # a classifier and a diffusion trainer: --overwrite trains again into the same folder
+        r = cli("run", name, "-p", "quick", "True", "--out", out, "--overwrite", env={"DEEPLENSE_CACHE": str(cache)}, timeout=900)
+        assert r.returncode == 0 and (out / "metrics.json").exists()
 
 def test_run_unknown_param_is_one_line(cli, tmp_path):
     r = cli("run", "task1", "-p", "epochz", "3", "--out", tmp_path / "x", check=False)
