@@ -76,6 +76,12 @@ def _typed(nb: str, key: str, value, default):
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool): return float(value)
     raise DeepLenseError(f"{nb}: parameter {key}={value!r} should be of type {type(default).__name__}, like its default {default!r}.")
 
+# %% ../nbs/11_experiments.ipynb #ec25f0d5
+def _abs_dirs(params: dict) -> dict:
+    "Folder parameters (`data_dir`, `real_dir`, `real_dir_ii`, ...) made absolute from the caller's working directory."
+    folder = lambda k: (k.endswith("_dir") or "_dir_" in k) and k != "out_dir"
+    return {k: str(Path(v).expanduser().resolve()) if folder(k) and isinstance(v, str) and v else v for k, v in params.items()}
+
 # %% ../nbs/11_experiments.ipynb #0f9caa5d
 def _check_kernel(name: str) -> None:
     "Raise a one-line `DeepLenseError` when no Jupyter kernel `name` is installed (checked before an output folder is made)."
@@ -97,7 +103,7 @@ def run_experiment(name: str, # one of EXPERIMENTS (or a path to a notebook with
     defaults = notebook_parameters(src)
     bad = sorted(set(params) - set(defaults))
     if bad: raise DeepLenseError(f"{src.name}: unknown parameter(s) {bad}; valid: {sorted(defaults)}")
-    params = {k: _typed(src.name, k, v, defaults[k]) for k, v in params.items()}
+    params = _abs_dirs({k: _typed(src.name, k, v, defaults[k]) for k, v in params.items()})   # the notebook runs in `out`
     out = Path(out or f"runs/{src.stem}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     if out.exists() and not out.is_dir(): raise DeepLenseError(f"--out {out} is a file, not a folder.")
     if (out / "metrics.json").exists() and not overwrite:

@@ -42,12 +42,17 @@ def test_run_failure_keeps_notebook(cli, tmp_path):
     assert r.returncode != 0 and "failed in cell" in r.stderr
     assert (tmp_path / "f" / "task1.ipynb").exists()
 
+def _tiny_notebook(path, parameters: str, body: str):
+    "A two-cell experiment notebook: its parameters cell, then `body`, which may call write(dict) to save metrics.json."
+    import nbformat
+    head = "import json, pathlib\nwrite = lambda m: pathlib.Path(out_dir, 'metrics.json').write_text(json.dumps(m))\n"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(parameters, metadata={"tags": ["parameters"]}),
+                                         nbformat.v4.new_code_cell(head + body)])
+    nbformat.write(nb, path)   # no kernelspec in its metadata: the run supplies the language
+
 def test_run_overwrite_and_bad_notebooks(cli, tmp_path):
     "--overwrite removes the old metrics.json first (a stopped rerun never looks finished); an unreadable notebook, a missing kernel: one line, no folder."
-    import nbformat
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("out_dir = '.'\nfail = False", metadata={"tags": ["parameters"]}),
-                                         nbformat.v4.new_code_cell("import json, pathlib\nassert not fail\npathlib.Path(out_dir, 'metrics.json').write_text(json.dumps({'auc': 0.5}))")])
-    nbformat.write(nb, tmp_path / "tiny.ipynb")   # no kernelspec in its metadata: the run supplies the language
+    _tiny_notebook(tmp_path / "tiny.ipynb", "out_dir = '.'\nfail = False", "assert not fail\nwrite({'auc': 0.5})")
     assert cli("run", tmp_path / "tiny.ipynb", "--out", tmp_path / "r").returncode == 0 and (tmp_path / "r" / "metrics.json").exists()
     r = cli("run", tmp_path / "tiny.ipynb", "--out", tmp_path / "r", "--overwrite", "-p", "fail", "True", check=False)
     assert r.returncode == 2 and "failed in cell" in r.stderr and not (tmp_path / "r" / "metrics.json").exists(), r.stderr
@@ -56,6 +61,15 @@ def test_run_overwrite_and_bad_notebooks(cli, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "broken.ipynb is not a readable notebook" in r.stderr, r.stderr
     r = cli("run", tmp_path / "tiny.ipynb", "--out", tmp_path / "k", "--kernel", "nokernel", check=False)
     assert r.returncode == 2 and "no such Jupyter kernel" in r.stderr and not (tmp_path / "k").exists(), r.stderr
+
+def test_run_folder_parameters_are_relative_to_the_caller(cli, tmp_path):
+    "The notebook runs in its output folder: `-p data_dir rel` is read from where the command was typed, not from OUT."
+    (tmp_path / "data" / "t1").mkdir(parents=True)
+    _tiny_notebook(tmp_path / "paths.ipynb", "out_dir = '.'\ndata_dir = ''\nreal_dir_ii = ''",
+                   "write({'data_dir': data_dir, 'is_dir': pathlib.Path(data_dir).is_dir(), 'real_dir_ii': real_dir_ii})")
+    cli("run", "paths.ipynb", "-p", "data_dir", "data/t1", "--out", "runs/p", cwd=tmp_path)
+    m = json.loads((tmp_path / "runs" / "p" / "metrics.json").read_text())
+    assert m == {"data_dir": str((tmp_path / "data" / "t1").resolve()), "is_dir": True, "real_dir_ii": ""}, m
 
 def test_demo_simulates_into_a_store_and_reuses_it(tmp_path, capsys):
     import shutil

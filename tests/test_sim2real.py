@@ -50,3 +50,13 @@ def test_sim2real_quick(tmp_path, cli):
     assert t2["n_networks"] == m["settings"]["lf_seeds"] == len(t2["auc_single_networks"]) >= 1
     assert {src: set(d) for src, d in t2["cutout_stats"].items()} == {s: {"lenses", "nonlenses"} for s in ("real", "sim", "sim_fixed_colours", "sim_before")}
     assert all(len(c["noise_to_last_band"]) == 3 and c["noise_to_last_band"][2] == 1 for d in t2["cutout_stats"].values() for c in d.values())
+
+def test_sim2real_refuses_bad_real_folders(tmp_path, cli):
+    "A folder that is not a Task I class, or images of another size than the simulator's: one line that names them, before any fit."
+    rng = np.random.default_rng(0)
+    for name, folders, shape, msg in (("classes", ("no", "axion"), (150, 150), "folder(s) axion are not classes of this task"),
+                                      ("size", ("no", "vort"), (1, 64, 64), "the images are 1x64x64, but preset 'model_i' simulates 1x150x150")):
+        for f in folders:
+            (tmp_path / name / f).mkdir(parents=True); np.save(tmp_path / name / f / "1.npy", rng.random(shape))
+        r = cli("run", "sim2real", "-p", "quick", "True", "-p", "real_dir", tmp_path / name, "--out", tmp_path / f"out_{name}", check=False)
+        assert r.returncode == 2 and "failed in cell" in r.stderr and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
