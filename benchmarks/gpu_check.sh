@@ -5,7 +5,11 @@
 #   simulate   benchmarks/bench_simulate.py --device cuda        simulator images/s
 #   train      benchmarks/bench_train.py --sections device_path   plain fp32 file-reading loop vs ordinary Learner vs
 #                                                                 device-resident path (8,192 images 1x150x150, ResNet-18)
-#   demo       deeplense demo --device cuda                       simulate 37,500 + train + evaluate (goal <= 90 s), AUC
+#   demo       deeplense demo --device cuda                       simulate 37,500 + train + evaluate (goal <= 90 s), AUC; its
+#                                                                 ResNet-18 (raw pixels, model_i) comes back in 15 MB parts,
+#                                                                 OUT/demo_best.ckpt.part-NN, to score here on real images:
+#                                                                 cat OUT/demo_best.ckpt.part-* > best.ckpt && deeplense evaluate
+#                                                                 --checkpoint best.ckpt --data DIR --split all --tta --out EV
 #   diffusion  benchmarks/bench_diffusion.py --device cuda        training img/s, DDIM-50 sampling img/s (goals 1,000 / 200),
 #                                                                 with the full-resolution UNet and with --patch 2
 #   fit        benchmarks/bench_fit.py --device cuda             smooth-lens and vortex fits/s with the sim2real settings at fit
@@ -53,7 +57,7 @@ while [ $# -gt 0 ]; do
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2;;
   esac
 done
-mkdir -p "$OUTDIR"; OUTDIR="$(cd "$OUTDIR" && pwd)"
+mkdir -p "$OUTDIR"; OUTDIR="$(cd "$OUTDIR" && pwd)"; export OUTDIR
 LOG="$OUTDIR/gpu_check.log"; : > "$LOG"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"
 STEPS="$OUTDIR/gpu_check.steps.jsonl"; : > "$STEPS"
@@ -127,7 +131,8 @@ if [ -n "$GPU" ]; then
   step train 100 "" '(load("bench_train.json") or {}).get("device_path")' \
     '"$PY"' -u benchmarks/bench_train.py --sections device_path --device cuda --n 4096 --repeats 1 --out '"$STEPDIR"'
   step demo 150 "" '{"train": {k: (load("demo/train/metrics.json") or {}).get(k) for k in ("roc_auc", "train_time_s", "epochs", "device")}, "report": {k: (load("demo/report/metrics.json") or {}).get(k) for k in ("auc_macro", "accuracy", "auc_per_class")}, "goal_total_s_max": 90}' \
-    '"$PY"' -u -m deeplense_nb.cli demo --device cuda --out '"$STEPDIR"'/demo
+    '"$PY"' -u -m deeplense_nb.cli demo --device cuda --out '"$STEPDIR"'/demo '&&' \
+    split -b 15m -d '"$STEPDIR"'/demo/train/best.ckpt '"$OUTDIR"'/demo_best.ckpt.part-
   step diffusion 130 "" '{**{k: (load("bench_diffusion.json") or {}).get(k) for k in ("gpu", "training", "sampling", "goals")}, "patch2": {k: (load("patch2/bench_diffusion.json") or {}).get(k) for k in ("training", "sampling", "goals")}}' \
     '"$PY"' -u benchmarks/bench_diffusion.py --device cuda --ddpm-steps 0 --train-steps 20 --repeats 1 --out '"$STEPDIR"' '&&' \
     '"$PY"' -u benchmarks/bench_diffusion.py --device cuda --ddpm-steps 0 --train-steps 20 --repeats 1 --patch 2 --out '"$STEPDIR"'/patch2
