@@ -2,6 +2,8 @@
 import json, math
 from pathlib import Path
 import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
 from deeplense_nb.core import CLASSES_T1
 
 def test_sim2real_quick(tmp_path, cli):
@@ -21,6 +23,11 @@ def test_sim2real_quick(tmp_path, cli):
         assert len(v["auc_ci"]) == 2 and all(math.isfinite(x) and 0 <= x <= 1 for x in v["auc_ci"]) and v["auc_ci"][0] <= v["auc_ci"][1]
         cm = np.array(v["confusion"]); assert cm.shape == (3, 3) and cm.sum() == n_real
         assert (out / f"confusion_{name}.png").is_file()
+    pred = pd.read_csv(out / "predictions.csv")   # every real image with each method's probabilities and call
+    assert len(pred) == n_real and (pred["class"] == [Path(f).parent.name for f in pred["file"]]).all()   # the class is the file's folder
+    for name, v in m["methods"].items():
+        p = pred[[f"{name}:p_{c}" for c in CLASSES_T1]].to_numpy(); assert np.allclose(p.sum(1), 1, atol=1e-4), name
+        assert abs((pred[f"{name}:pred"] == pred["class"]).mean() - v["accuracy"]) < 1e-9, name
     sh = m["shift"]   # every method also scored images of a second simulator it never trained on
     assert sh["preset"] == m["settings"]["shift_preset"] == "deeplensesim_recipe" and sh["n"] == m["settings"]["n_shift"] > 0
     assert all(0 <= v["shift_auc_macro"] <= 1 and np.array(v["shift_confusion"]).sum() == v["shift_n"] for v in m["methods"].values())
@@ -46,6 +53,8 @@ def test_sim2real_quick(tmp_path, cli):
     t2 = m["task2"]   # the lens finder trained on simulated cutouts, scored on every real (or stand-in) cutout
     n_ii = len([f for f in Path(t2["real_dir"]).rglob("*.npy") if f.parent.name.endswith("lenses")])
     assert t2["n"] == n_ii > 0 and 0 < t2["n_lenses"] < n_ii and 0 <= t2["auc"] <= 1 and 0 <= t2["average_precision"] <= 1
+    p2 = pd.read_csv(out / "predictions_task2.csv")
+    assert len(p2) == n_ii and abs(roc_auc_score(p2["lens"], p2["p_lens"]) - t2["auc"]) < 1e-9
     assert t2["auc_ci"][0] <= t2["auc_ci"][1] and set(t2["tpr_at_fpr"]) == {"0.001", "0.01", "0.1"}
     assert t2["n_networks"] == m["settings"]["lf_seeds"] == len(t2["auc_single_networks"]) >= 1
     assert {src: set(d) for src, d in t2["cutout_stats"].items()} == {s: {"lenses", "nonlenses"} for s in ("real", "sim", "sim_fixed_colours", "sim_before")}

@@ -43,7 +43,7 @@ _NONLENS = {"nonlens", "nonlenses", "non_lens", "non_lenses", "non-lens", "non-l
 
 _EXPECTED = """Expected one of these trees (N.npy = 1.npy, 2.npy, ...):
   task1    ROOT/train/{no,sphere,vort}/N.npy  and  ROOT/val/{no,sphere,vort}/N.npy
-  task2    ROOT/train_lenses/N.npy  ROOT/train_nonlenses/N.npy  (and ROOT/test_lenses/, ROOT/test_nonlenses/)
+  task2    ROOT/train_lenses/N.npy  ROOT/train_nonlenses/N.npy  and/or  ROOT/test_lenses/  ROOT/test_nonlenses/
   task4    ROOT/Samples/*.npy  (unlabelled)
   folders  ROOT/<class>/*.npy  or  ROOT/<split>/<class>/*.npy  with <split> one of train, val, valid, test"""
 
@@ -192,7 +192,8 @@ def _groups(root: Path, kind: str, problems: SkipReport) -> tuple[list[str], lis
             groups += [(s, i, f"{s}/{c}") for i, c in enumerate(_T1)]
         return list(_T1), groups
     if kind == "task2":
-        names = [n for n in _T2 if n.startswith("train") or {"test_lenses", "test_nonlenses"} & set(dirs)]
+        present = {_T2[n][0] for n in dirs if n in _T2}   # the splits with a folder: both class folders of each are needed
+        names = [n for n in _T2 if _T2[n][0] in present]
         extra(dirs, names, root, "a Task II dataset holds train_lenses/, train_nonlenses/, test_lenses/, test_nonlenses/")
         return ["nonlens", "lens"], [(*_T2[n], n) for n in names]
     if kind == "task4":

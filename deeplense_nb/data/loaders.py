@@ -234,6 +234,7 @@ def _parts(full: _Images, val_frac: float, seed: int, folds: int = 0, fold: int 
         if "train" not in names: raise DataError(f"The data have a {val!r} split but no 'train' split (splits: {list(names)}).")
         return full.take_split("train"), full.take_split(val), test
     base = full.take_split("train") if "train" in names else full.subset(np.flatnonzero(full.split_of != "test"))
+    if not len(base) and names == ("test",): raise DataError("The data have only a 'test' split: nothing to train on (a test set is for evaluate).")
     if len(base) < 2: raise DataError(f"Only {len(base)} training item(s): too few to split into train and valid.")
     tr, va = stratified_split(base.labels, val_frac=val_frac, seed=seed)
     return base.subset(tr), base.subset(va), test
