@@ -2,6 +2,7 @@
 import json
 import pytest
 from matplotlib.image import imread
+from deeplense_nb.data import make_toy_dataset
 
 EXPECTED = {  # experiment -> keys its metrics.json must hold
     "task1": {"auc_macro", "auc_per_class", "accuracy", "confusion_matrix", "classes"},
@@ -18,11 +19,13 @@ def cache(tmp_path_factory):
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_experiment_quick(name, tmp_path, cli, cache):
     out = tmp_path / name
-    r = cli("run", name, "-p", "quick", "True", "--out", out, env={"DEEPLENSE_CACHE": str(cache)}, timeout=900)
+    real = ["-p", "real_dir", make_toy_dataset(tmp_path / "real", layout="folders", n_per_class=3, img_size=64)] if name == "task1" else []
+    r = cli("run", name, "-p", "quick", "True", *real, "--out", out, env={"DEEPLENSE_CACHE": str(cache)}, timeout=900)
     assert r.returncode == 0
     m = json.loads((out / "metrics.json").read_text())
     assert EXPECTED[name] <= set(m), sorted(m)
     if name in ("task1", "model-zoo"): assert m["auc_macro"] > 0.8, m["auc_macro"]   # the quick mode learns (not one class for all)
+    if name == "task1": assert sum(map(sum, m["real"]["confusion_matrix"])) == 9   # the extra test set, class folders without splits
     nb = out / {"lens-finding": "lens_finding.ipynb", "model-zoo": "model_zoo.ipynb"}.get(name, f"{name}.ipynb")
     assert nb.exists(), "the executed notebook is kept beside the results"
     pngs = sorted(out.rglob("*.png"))
@@ -32,6 +35,12 @@ def test_experiment_quick(name, tmp_path, cli, cache):
     if name in ("lens-finding", "diffusion"):   # a classifier and a diffusion trainer: --overwrite trains again into the same folder
         r = cli("run", name, "-p", "quick", "True", "--out", out, "--overwrite", env={"DEEPLENSE_CACHE": str(cache)}, timeout=900)
         assert r.returncode == 0 and (out / "metrics.json").exists()
+
+def test_task1_real_dir_of_another_size_fails_before_training(cli, tmp_path, cache):
+    real = make_toy_dataset(tmp_path / "real", layout="folders", n_per_class=2, img_size=150)
+    r = cli("run", "task1", "-p", "quick", "True", "-p", "real_dir", real, "--out", tmp_path / "o", env={"DEEPLENSE_CACHE": str(cache)}, check=False)
+    assert r.returncode == 2 and "its images are 150x150, but this run trains on 64x64 ones" in r.stderr, r.stderr
+    assert not (tmp_path / "o" / "train").exists()   # refused before any training
 
 def test_run_unknown_param_is_one_line(cli, tmp_path):
     r = cli("run", "task1", "-p", "epochz", "3", "--out", tmp_path / "x", check=False)
