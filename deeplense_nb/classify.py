@@ -40,7 +40,7 @@ CHOICES = {"task": tuple(TASKS), "opt": ("adamw", "adam", "sgd"), "loss": ("ce",
 @dataclass
 class TrainConfig(Config):
     "Every setting of a classifier training run; stored in its checkpoints and metrics.json."
-    data: str = ""                # dataset folder (real or simulated layout) or packed store
+    data: str = ""                # dataset folder (real or simulated layout), packed store, or sim:<preset>[:key=value,...] (a stream of fresh simulations)
     task: str | None = None       # "substructure" or "lens-finding" (None: detect from the data)
     model: str = "resnet18"       # registered model name (see `deeplense list-models`)
     pretrained: bool = False      # start from downloadable ImageNet weights where the model has them

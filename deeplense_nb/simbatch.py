@@ -19,7 +19,7 @@ from .physics import (psf_radius, alpha_sie_shear, lens_equation, pixel_grid, ps
 # %% auto #0
 __all__ = ['PRESETS', 'SimPreset', 'get_preset', 'LensFindingPreset', 'mix64', 'stream_key', 'image_keys', 'uniforms',
            'poisson_counts', 'sample_truth_batch', 'minmax', 'render_batch', 'resolve_preset', 'sim_batch_size',
-           'simulate_images', 'sample_lens_finding_batch', 'render_lens_finding_batch']
+           'simulate_images', 'central_field', 'sample_lens_finding_batch', 'render_lens_finding_batch']
 
 # %% ../nbs/01a_simbatch.ipynb #cf27676a
 @dataclass
@@ -357,6 +357,18 @@ def simulate_images(n_or_index, # number of images (indices 0..n-1) or the image
     shape = (3 if lf else 1, p.npix, p.npix)
     imgs = torch.cat(out) if out else torch.zeros(0, *shape, device=dev)
     return imgs, labels.to(dev)
+
+# %% ../nbs/01a_simbatch.ipynb #3680d18d
+def central_field(img: Tensor, # images (..., H, W)
+                  npix: int, # side of the field, pixels
+                 ) -> Tensor:
+    "The central `npix` x `npix` pixels of images, min-max scaled again: the pixels a preset with this `npix` simulates."
+    H, W = img.shape[-2:]
+    if not 0 < npix <= min(H, W) or (H - npix) % 2 or (W - npix) % 2:
+        raise DeepLenseError(f"central_field: no centred {npix}x{npix} field in {H}x{W} images (it needs npix <= {min(H, W)} "
+                             f"and an even number of pixels left on the two sides together)")
+    i, j = (H - npix) // 2, (W - npix) // 2
+    return minmax(img[..., i:i + npix, j:j + npix])
 
 # %% ../nbs/01a_simbatch.ipynb #fae8633c
 _LF_DRAWS = {k: i for i, k in enumerate(("psf_fwhm", "noise_sigma", "n_field", "n_stars", "centre", "theta_E", "q", "phi",

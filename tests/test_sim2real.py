@@ -15,6 +15,8 @@ def test_sim2real_quick(tmp_path, cli):
     assert set(m["methods"]) >= {"residual", "residual_vortex", "cnn", "residual_cnn", "residual+residual_cnn"} and m["best_method"] in m["methods"]
     assert m["n_real"] == n_real > 0 and m["methods"]["residual_cnn"]["n_networks"] == m["settings"]["rcnn_seeds"] >= 1
     assert len(m["methods"]["residual_cnn"]["auc_macro_single_networks"]) == m["settings"]["rcnn_seeds"]
+    st, c = m["settings"], m["methods"]["cnn"]   # the raw-pixel CNN: a stream of fresh simulations of the central field
+    assert c["field"] == st["cnn_field"] and c["n_train"] == st["cnn_epochs"] * st["cnn_epoch_size"] and 0 <= c["sim_auc_macro"] <= 1
     assert (out / "residual_cnn_0" / "best.ckpt").is_file() and (out / "residual_maps.png").is_file()
     assert not (out / "residual_maps").exists()   # the network inputs are not kept: they are rebuilt from the seed
     for name, v in m["methods"].items():

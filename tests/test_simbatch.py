@@ -112,11 +112,17 @@ def test_simulate_store_cli(tmp_path, capsys):
 
 def test_train_on_sim_stream(tmp_path, capsys):
     from deeplense_nb.cli import main
-    rc = main(["train", "--data", "sim:model_i", "--epoch-size", "24", "--epochs", "1", "--batch-size", "8",
+    rc = main(["train", "--data", "sim:model_i:npix=48", "--epoch-size", "24", "--epochs", "1", "--batch-size", "8",
                "--model", "cnn_baseline", "--out", str(tmp_path / "run"), "--device", "cpu", "--no-progress"])
-    assert rc == 0
+    assert rc == 0   # the central 48 x 48 pixels of the Model I field
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["epochs"] == 1 and m["config"]["epoch_size"] == 24 and m["classes"] == ["no", "sphere", "vort"]
+    from deeplense_nb.checkpoint import checkpoint_meta
+    assert checkpoint_meta(tmp_path / "run" / "best.ckpt")["config"]["img_size"] == 48   # predict and evaluate check images against it
+    capsys.readouterr()
+    assert main(["train", "--data", "sim:model_i:npx=48", "--out", str(tmp_path / "bad"), "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown field(s) ['npx']" in err and err.count("\n") == 1 and not (tmp_path / "bad").exists(), err
 
 FUSED_CHECK = """
 import torch

@@ -6,14 +6,14 @@ Docs: https://ml4sci.github.io/deeplense_nb/data.sim.html.md"""
 
 # %% ../../nbs/033a_data.sim.ipynb #aa9ff673
 from __future__ import annotations
-import json, math, os, shutil, time
+import ast, json, math, os, shutil, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from ..core import check_choice, get_device
+from ..core import DeepLenseError, check_choice, get_device
 from ..simbatch import LensFindingPreset, resolve_preset, simulate_images
 from ..simulate import (ENGINES, TRUTH, _cli_simulate as _cli_simulate_files, _manifest, get_preset,
                                    lens_finding_batches, lens_finding_counts, task1_batches, task1_counts)
@@ -173,7 +173,26 @@ def is_sim_source(data) -> bool:
     "Is `data` the name of a simulated stream (`sim:<preset>`)?"
     return isinstance(data, str) and data.startswith(SIM_PREFIX)
 
+def _overrides(data: str, spec: str) -> dict:
+    "The `key=value,...` after a preset name as a dict; values are Python literals (numbers, tuples), else strings."
+    items, depth, cur = [], 0, ""
+    for ch in spec + ",":   # split at the commas outside parentheses: psf_wing=(0.4,0.35) is one value
+        if ch == "," and depth == 0: items.append(cur); cur = ""; continue
+        depth += (ch in "([") - (ch in ")]"); cur += ch
+    kw = {}
+    for item in items:
+        k, eq, v = (s.strip() for s in item.partition("="))
+        if not (eq and k): raise DataError(f"{data!r}: expected key=value after the preset (e.g. 'sim:model_i:npix=80'), got {item!r}")
+        try: kw[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError): kw[k] = v
+    return kw
+
 def sim_source(data: str):
-    "The preset of a `sim:<preset>` source (`sim:model_i`, `sim:lens_finding`, ...)."
+    "The preset of a `sim:<preset>` source (`sim:model_i`, `sim:lens_finding`), with fields set after a colon: `sim:model_i:npix=80`."
     if not is_sim_source(data): raise DataError(f"{data!r} is not a simulated source; expected 'sim:<preset>', e.g. 'sim:model_i'")
-    return resolve_preset(data[len(SIM_PREFIX):].replace("-", "_"))
+    name, _, spec = data[len(SIM_PREFIX):].partition(":")
+    p = resolve_preset(name.replace("-", "_"))
+    if not spec: return p
+    kw = {"name": f"{p.name}:{spec}", **_overrides(data, spec)}
+    try: return type(p).from_dict(type(p).check_types({**p.to_dict(), **kw}, where=f"{data}: "))
+    except DeepLenseError as e: raise DataError(f"{data!r}: {e}") from None
