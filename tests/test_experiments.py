@@ -39,7 +39,7 @@ def test_experiment_quick(name, tmp_path, cli, cache):
 def test_task1_real_dir_of_another_size_fails_before_training(cli, tmp_path, cache):
     real = make_toy_dataset(tmp_path / "real", layout="folders", n_per_class=2, img_size=150)
     r = cli("run", "task1", "-p", "quick", "True", "-p", "real_dir", real, "--out", tmp_path / "o", env={"DEEPLENSE_CACHE": str(cache)}, check=False)
-    assert r.returncode == 2 and "its images are 150x150, but this run trains on 64x64 ones" in r.stderr, r.stderr
+    assert r.returncode == 2 and "its images are 1x150x150, but this run trains on 1x64x64 ones" in r.stderr, r.stderr
     assert not (tmp_path / "o" / "train").exists()   # refused before any training
 
 def test_run_unknown_param_is_one_line(cli, tmp_path):
