@@ -358,7 +358,7 @@ def simulate_task1(out: str | Path, *, n_train: int = 30_000, # images in train/
     counts, rows = task1_counts(p, n_train, n_val), []
     total = sum(sum(c.values()) for c in counts.values())
     with _writing(out, overwrite) as d, tqdm(total=total, desc=f"simulate {p.name}", unit="img", disable=not progress) as bar:
-        for split in counts:
+        for split in (s for s, c in counts.items() if sum(c.values())):   # no empty split folder: the loaders would refuse it
             for cls in p.classes: (d / split / cls).mkdir(parents=True)
         for files, imgs, truth in task1_batches(p, counts, seed=seed, device=device, batch_size=batch_size, engine=engine, dtype=dtype):
             for rel, im, t in zip(files, imgs.astype(dtype), truth):
@@ -418,7 +418,9 @@ def simulate_lens_finding(out: str | Path, *, n_train_lenses: int = 1730, n_test
     n = lens_finding_counts(p, n_train_lenses, n_test_lenses, n_train_nonlenses, n_test_nonlenses)
     rows, t0 = [], time.time()
     with _writing(out, overwrite) as d, tqdm(total=sum(n.values()), desc="simulate lens_finding", unit="img", disable=not progress) as bar:
-        for folder in n: (d / folder).mkdir()
+        for folder in n:   # no folders of a split without images: the loaders would refuse them
+            s = folder.split("_")[0]
+            if n[f"{s}_lenses"] + n[f"{s}_nonlenses"]: (d / folder).mkdir()
         for files, imgs, truth in lens_finding_batches(p, n, seed=seed, device=device, batch_size=batch_size, engine=engine):
             for rel, im, t in zip(files, imgs.astype(np.float32), truth):
                 np.save(d / rel, im); rows.append(dict(file=rel, split=rel.split("_")[0], **t))

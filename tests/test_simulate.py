@@ -74,6 +74,14 @@ def test_lens_finding_cutouts_like_the_real_ones(real_samples):
     for src in (real, sim):  # lenses: light around the centre (arcs), brightest in g; non-lenses: compact
         assert src["lenses"]["annulus_to_core"][0] > 2 * src["nonlenses"]["annulus_to_core"][0]
 
+def test_a_split_without_images_has_no_folders(tmp_path):
+    "Simulated sets with an empty split are read by the package's loaders (empty class folders would be refused)."
+    from deeplense_nb.data import FolderDataset
+    simulate_task1(tmp_path / "t1", n_train=6, n_val=0, progress=False)
+    simulate_lens_finding(tmp_path / "t2", n_train_lenses=2, n_test_lenses=0, n_train_nonlenses=2, n_test_nonlenses=0, progress=False)
+    assert not (tmp_path / "t1" / "val").exists() and not (tmp_path / "t2" / "test_lenses").exists()
+    assert [(len(d), d.split_names) for d in map(FolderDataset, (tmp_path / "t1", tmp_path / "t2"))] == [(6, ("train",)), (4, ("train",))]
+
 def test_diffusion_layout(tmp_path):
     simulate_diffusion(tmp_path / "d", n=4, progress=False)
     files = sorted((tmp_path / "d" / "Samples").glob("*.npy"))
