@@ -1771,5 +1771,7 @@ d = { 'settings': { 'branch': 'main',
                                        'deeplense_nb.training._versions': ('training.html#_versions', 'deeplense_nb/training.py'),
                                        'deeplense_nb.training.check_run_folder': ( 'training.html#check_run_folder',
                                                                                    'deeplense_nb/training.py'),
+                                       'deeplense_nb.training.clear_run_files': ( 'training.html#clear_run_files',
+                                                                                  'deeplense_nb/training.py'),
                                        'deeplense_nb.training.find_bs': ('training.html#find_bs', 'deeplense_nb/training.py'),
                                        'deeplense_nb.training.unwrap_model': ('training.html#unwrap_model', 'deeplense_nb/training.py')}}}

@@ -21,7 +21,7 @@ from .data import augment_from_spec, class_weights, get_dataloaders
 from .data.transforms import RESIZE_MODES, Resize as ResizeImages
 from .models import create_model
 from .losses import get_loss
-from .training import (Callback, HistoryLogger, Learner, SaveCheckpoint, StopOnNonFinite, accuracy, check_run_folder, dist_env,
+from .training import (Callback, HistoryLogger, Learner, SaveCheckpoint, StopOnNonFinite, accuracy, check_run_folder, clear_run_files, dist_env,
                                    init_distributed, roc_auc)
 from . import callbacks as C
 
@@ -269,7 +269,7 @@ def _validation_note(dls, cfg: TrainConfig) -> str:
 def _start_run(out: Path, cfg: TrainConfig, note: str, existing: list[str], ck: Path | None, *, resume: bool, overwrite: bool) -> bool:
     "On the main process, before training: say how the run validates, remove the run files `overwrite` replaces, write config.json; True when `out` is new."
     print(f"deeplense train: {note}." + (f" No checkpoint in {out} yet: starting from scratch." if resume and ck is None else ""))
-    for n in existing if overwrite else (): (out / n).unlink(missing_ok=True)
+    if overwrite: clear_run_files(out, existing)
     new_dir = not out.exists()
     out.mkdir(parents=True, exist_ok=True); atomic_write_text(out / "config.json", cfg.to_json() + "\n")
     return new_dir

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from .core import DeepLenseError, atomic_write_text, given_settings, read_config_file
 from .classify import TrainConfig, train_classifier, _cli_train as _cli_train_classifier
-from .training import check_run_folder
+from .training import check_run_folder, clear_run_files
 from .diffusion.train import train_diffusion
 from .pinn import TruthDataset
 from .checkpoint import save_model
@@ -106,7 +106,7 @@ def train_physics(data, # a simulated Task I folder (manifest.json + truth), wit
                           n_boot=100, progress=progress)
     out, x = Path(out), train[0][0]
     out.mkdir(parents=True, exist_ok=True)
-    for n in existing: (out / n).unlink(missing_ok=True)   # only with overwrite
+    clear_run_files(out, existing)   # only with overwrite: a run was refused otherwise
     info = {"classes": list(train.classes), "in_chans": int(x.shape[0]), "img_size": int(x.shape[-1])}
     cks = {n: str(save_model(out / f"{n}.ckpt", mdl, **info)) for n, mdl in res["models"].items()}  # for evaluate / predict / export
     m = {"kind": kind, "backbone": backbone, **physics_metrics(res), "checkpoints": cks, "config": _jsonable(res["config"])}

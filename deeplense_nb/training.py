@@ -27,7 +27,7 @@ from .checkpoint import (CKPT_FORMAT, CheckpointError, _jsonable, build_model, c
 __all__ = ['EVENTS', 'RUN_FILES', 'CancelFitException', 'CancelEpochException', 'CancelTrainException', 'CancelValidException',
            'CancelBatchException', 'CancelBackwardException', 'CancelStepException', 'Callback', 'Recorder',
            'ProgressCallback', 'HistoryLogger', 'unwrap_model', 'find_bs', 'Learner', 'DivergenceError',
-           'StopOnNonFinite', 'check_run_folder', 'SaveCheckpoint', 'DistributedCallback']
+           'StopOnNonFinite', 'check_run_folder', 'clear_run_files', 'SaveCheckpoint', 'DistributedCallback']
 
 # %% ../nbs/06_training.ipynb #68cb0edf
 class CancelFitException(Exception):      "Stop training now; `after_cancel_fit` and `after_fit` still fire."
@@ -566,6 +566,11 @@ def check_run_folder(out: Path, *, resume: bool, overwrite: bool, data=None) -> 
     if resume and found and "last.ckpt" not in found and {"best.ckpt", "metrics.json"} & set(found):
         raise DeepLenseError(f"{out} holds a run but no last.ckpt to resume from; pass --overwrite to start again.")
     return found
+
+# %% ../nbs/06_training.ipynb #bffa6069
+def clear_run_files(out: Path, names: Sequence[str]) -> None:
+    "Remove the run files `names` (what `check_run_folder` found) from `out`: what an overwrite replaces."
+    for n in names: (out / n).unlink(missing_ok=True)
 
 # %% ../nbs/06_training.ipynb #861bd843
 def _improved(v, best, mode: str, min_delta: float = 0.) -> bool:

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 from ..core import DeepLenseError, atomic_write_text, check_choice, get_device, seed_everything
 from ..data import get_dataloaders, stratified_subset
-from ..training import Learner, SaveCheckpoint, HistoryLogger, check_run_folder
+from ..training import Learner, SaveCheckpoint, HistoryLogger, check_run_folder, clear_run_files
 from ..callbacks import (EMA, ChannelsLast, CosineWarmup, GradientAccumulation, GradientClip, MixedPrecision,
                                   PlateauSchedule, TorchCompile)
 from .unet import UNet, UNetConfig
@@ -122,7 +122,7 @@ def _run_folder(out, config: dict, cbs: list, stale: Sequence[str] = ()) -> tupl
     "`out` as a Path, its `stale` run files removed and `config` written to out/config.json; `cbs` with the checkpoint and history callbacks (no `out`: unchanged)."
     if out is not None:
         out = Path(out); cbs += [SaveCheckpoint(out, monitor="train_loss", best=False), HistoryLogger(out)]
-        for n in stale: (out / n).unlink(missing_ok=True)
+        clear_run_files(out, stale)
         atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     return out, cbs
 
